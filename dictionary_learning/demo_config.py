@@ -1,0 +1,153 @@
+"""Presets and sweep grids for demo.py. Plain Python: edit a block, or add your own.
+
+Each preset is one `DemoConfig`. A sweep is the product widths x target_l0s (or sparsity_coeffs)
+x lrs x seeds; every trainer in it sees the same activation batches (one harvest per sweep).
+Command-line flags of demo.py override any field (`--layer`, `--widths`, `--tokens`, ...).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DemoConfig:
+    model: str
+    """Embedded model name ('smollm2-135m'), a local folder, or a Hub id."""
+    layer: int
+    """Decoder layer whose activation is harvested (0-based)."""
+    site: str = "resid_post"
+    """Hook site: resid_post (layer output), resid_pre (layer input) or mlp_out."""
+    dataset: str = "sample"
+    """'sample' (shipped data/sample), 'hub' (the six medical QA sets), a local folder/file, or a Hub id."""
+    tokens: int = 200_000
+    """Training token budget per trainer (steps = tokens // sae_batch_size)."""
+    ctx_len: int = 128
+    """Tokens per context window."""
+    lm_batch_size: int = 32
+    """Contexts per language-model forward pass."""
+    sae_batch_size: int = 1024
+    """Activation vectors per SAE step (the paper uses 4096)."""
+    buffer_tokens: int = 65_536
+    """Activation buffer capacity in tokens (refilled when half consumed)."""
+    device: str | None = None
+    """'cpu', 'cuda', 'cuda:1'...; None: a GPU where present, else the CPU."""
+    dtype: str = "float32"
+    """Language-model dtype (bfloat16 on GPU; float32 on CPU, where bf16 matmuls are slow)."""
+    cache_activations: bool = False
+    """Harvest the training activations once into an on-disk cache and train from it (epochs re-read
+    the cache instead of re-running the model). Right for small data sets; wrong for 49M-token runs."""
+    widths: list[int] = field(default_factory=lambda: [4608])
+    """Dictionary sizes (dict_size) to sweep."""
+    sparsity_mode: str = "target_l0"
+    """'target_l0' (lambda * (L0/target - 1)^2, the original pipeline) or 'l0' (the paper: lambda * L0)."""
+    target_l0s: list[float] = field(default_factory=lambda: [32, 64, 128])
+    """Target L0 per trainer (sparsity_mode 'target_l0')."""
+    sparsity_coeffs: list[float] = field(default_factory=lambda: [1.0])
+    """lambda per trainer (with 'l0' mode, the sweep axis; with 'target_l0', usually 1)."""
+    lrs: list[float] = field(default_factory=lambda: [7e-5])
+    """Adam learning rates to sweep."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """SAE initialisation seeds to sweep."""
+    bandwidth: float = 0.001
+    """Straight-through estimator bandwidth epsilon (on normalised activations)."""
+    threshold_init: float = 0.001
+    """Initial JumpReLU threshold (on normalised activations)."""
+    warmup_steps: int = 1000
+    """Linear LR warm-up steps."""
+    sparsity_warmup_steps: int = 5000
+    """Linear warm-up steps of the sparsity coefficient from 0."""
+    decay_start: float = 0.8
+    """LR decays linearly to 0 over the steps after this fraction of training."""
+    eval_tokens: int = 8192
+    """Held-out tokens used by the evaluation."""
+    validation_fraction: float = 0.1
+    """Fraction of the data set held out for evaluation (never trained on)."""
+    save_dir: str = "runs"
+    """Root folder of the run folders."""
+    seed: int = 0
+    """Data order and split seed."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The embedded default: SmolLM2-135M-Instruct (30 layers, d_model 576) on the shipped sample.
+# CPU-sized: 8x width, ~40k unique training tokens cached once and re-read for a few epochs.
+# A short run needs a larger lr and bandwidth than the paper's multi-billion-token recipe.
+SMOLLM2_135M = DemoConfig(
+    model="smollm2-135m",
+    layer=15,  # middle of 30 layers
+    dataset="sample",
+    tokens=300_000,
+    ctx_len=128,
+    lm_batch_size=16,
+    sae_batch_size=1024,
+    buffer_tokens=32_768,
+    dtype="float32",
+    cache_activations=True,
+    widths=[4608],
+    target_l0s=[20, 40, 80],
+    lrs=[1e-3],
+    bandwidth=0.05,
+    threshold_init=0.05,
+    warmup_steps=20,
+    sparsity_warmup_steps=100,
+    decay_start=0.8,
+    eval_tokens=4096,
+)
+
+# The original recipe: Gemma-2-2B, layer 20 residual stream, 16k latents, ~49M tokens of the
+# combined medical QA set, target-L0 sweep as in dictionary_learning's JumpReLU variant.
+GEMMA_2_2B = DemoConfig(
+    model="google/gemma-2-2b",
+    layer=20,
+    dataset="hub",
+    tokens=49_000_000,  # 23,925 steps at batch 2048
+    ctx_len=1024,
+    lm_batch_size=4,
+    sae_batch_size=2048,
+    buffer_tokens=2**20,
+    dtype="bfloat16",
+    widths=[2**14],
+    target_l0s=[20, 40, 80, 160, 320, 640],
+    lrs=[7e-5],
+    warmup_steps=1000,
+    sparsity_warmup_steps=5000,
+    decay_start=0.8,
+    eval_tokens=2**18,
+)
+
+# Pythia presets, as in the original config (a quick GPU sanity sweep).
+PYTHIA_70M = DemoConfig(
+    model="EleutherAI/pythia-70m-deduped",
+    layer=3,
+    dataset="hub",
+    tokens=10_000_000,
+    ctx_len=128,
+    lm_batch_size=32,
+    sae_batch_size=2048,
+    buffer_tokens=2**19,
+    widths=[2**12, 2**14],
+    target_l0s=[20, 40, 80, 160],
+    lrs=[7e-5],
+)
+
+PYTHIA_160M = dataclasses.replace(PYTHIA_70M, model="EleutherAI/pythia-160m-deduped", layer=8, widths=[2**14])
+
+PRESETS: dict[str, DemoConfig] = {
+    "smollm2-135m": SMOLLM2_135M,
+    "gemma-2-2b": GEMMA_2_2B,
+    "pythia-70m": PYTHIA_70M,
+    "pythia-160m": PYTHIA_160M,
+}
+DEFAULT_PRESET = "smollm2-135m"
+
+
+def get_preset(name: str) -> DemoConfig:
+    """A fresh copy of preset `name`; unknown names get a one-line error listing the choices."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
