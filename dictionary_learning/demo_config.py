@@ -61,6 +61,9 @@ class DemoConfig:
     """Linear warm-up steps of the sparsity coefficient from 0."""
     decay_start: float = 0.8
     """LR decays linearly to 0 over the steps after this fraction of training."""
+    max_epochs: int = 1
+    """Most passes over the training text; a budget needing more fails up front (or, when streaming,
+    with a clear error when the data runs out) instead of silently training on less."""
     eval_tokens: int = 8192
     """Held-out tokens used by the evaluation."""
     validation_fraction: float = 0.1
@@ -88,6 +91,7 @@ SMOLLM2_135M = DemoConfig(
     buffer_tokens=32_768,
     dtype="float32",
     cache_activations=True,
+    max_epochs=20,  # ~40k unique tokens: re-read the cache
     widths=[4608],
     target_l0s=[20, 40, 80],
     lrs=[1e-3],

@@ -1,0 +1,371 @@
+"""Harvest activations, train a sweep of JumpReLU SAEs, evaluate them, save and optionally push.
+
+    python dictionary_learning/demo.py                         # embedded SmolLM2-135M on the sample, CPU
+    python dictionary_learning/demo.py --preset gemma-2-2b     # the original recipe (GPU, Hub)
+    python dictionary_learning/demo.py --preset gemma-2-2b --plan   # what would run, without running it
+
+Stages: data (dataset.load_texts, train and validation splits) -> activations (buffer.ActivationBuffer,
+optionally written once to an on-disk cache.ActivationCache) -> training (training.trainSAE, one
+harvest for the whole sweep) -> evaluation (eval_report on the held-out split) -> Hub push.
+Presets live in demo_config.py; every DemoConfig field can be overridden from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dictionary_learning.demo_config import DEFAULT_PRESET, PRESETS, DemoConfig, get_preset
+
+log = logging.getLogger("demo")
+
+# Depth and width of well-known models, so --plan works without downloading a config.
+KNOWN_MODELS = {
+    "smollm2-135m": (30, 576),
+    "google/gemma-2-2b": (26, 2304),
+    "google/gemma-2-9b": (42, 3584),
+    "EleutherAI/pythia-70m-deduped": (6, 512),
+    "EleutherAI/pythia-160m-deduped": (12, 768),
+    "gpt2": (12, 768),
+}
+
+
+class UsageError(Exception):
+    """Bad flags or settings: printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def _list(kind):
+    return lambda s: [kind(v) for v in s.replace(",", " ").split()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of {', '.join(PRESETS)}")
+    o = p.add_argument_group("overrides of the preset's fields (demo_config.DemoConfig)")
+    o.add_argument("--model", help="embedded name, local folder or Hub id")
+    o.add_argument("--layer", type=int)
+    o.add_argument("--site", choices=["resid_post", "resid_pre", "mlp_out"])
+    o.add_argument("--dataset", help="'sample', 'hub', a local folder/file, or a Hub dataset id")
+    o.add_argument("--tokens", type=int, help="training tokens per trainer")
+    o.add_argument("--ctx-len", type=int)
+    o.add_argument("--batch-size", dest="sae_batch_size", type=int, help="SAE batch (activation vectors)")
+    o.add_argument("--lm-batch-size", type=int, help="contexts per LM forward")
+    o.add_argument("--dict-size", "--widths", dest="widths", type=_list(int), help="e.g. 4608 or 2304,4608")
+    o.add_argument("--target-l0s", type=_list(float), help="e.g. 20,40,80")
+    o.add_argument("--sparsity-coeffs", type=_list(float))
+    o.add_argument("--sparsity-mode", choices=["target_l0", "l0"])
+    o.add_argument("--lrs", type=_list(float))
+    o.add_argument("--seeds", type=_list(int))
+    o.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU where present)")
+    o.add_argument("--dtype", help="language-model dtype: float32, bfloat16, float16")
+    o.add_argument("--eval-tokens", type=int)
+    o.add_argument("--save-dir")
+    o.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any DemoConfig field, e.g. --set warmup_steps=500 (repeatable)",
+    )
+    p.add_argument(
+        "--cache-activations",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="harvest once into an on-disk activation cache, train from it",
+    )
+    p.add_argument("--from-cache", metavar="DIR_OR_REPO", help="train from an existing activation cache")
+    p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="push the trained SAEs to this Hub model repo")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="replace existing run folders")
+    p.add_argument("--eval-only", metavar="RUN_DIR", help="only evaluate the SAEs under RUN_DIR")
+    p.add_argument("--plan", action="store_true", help="print what would run, then exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def build_config(args) -> DemoConfig:
+    """The preset with the command-line overrides applied; unknown presets/fields -> UsageError."""
+    try:
+        cfg = get_preset(args.preset)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    fields = {f.name: f for f in dataclasses.fields(DemoConfig)}
+    for name in fields:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.cache_activations is not None:
+        cfg.cache_activations = args.cache_activations
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields:
+            raise UsageError(f"--set {item!r}: unknown field {key!r}; fields: {', '.join(fields)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        setattr(cfg, key, value)
+    if cfg.tokens < cfg.sae_batch_size:
+        raise UsageError(f"--tokens {cfg.tokens} is less than one SAE batch ({cfg.sae_batch_size})")
+    return cfg
+
+
+# ---------------------------------------------------------------------------- sweep and plan
+
+
+def model_shape(cfg: DemoConfig) -> tuple[int, int]:
+    """(n_layers, d_model) from the known table, else the local/Hub config."""
+    if cfg.model in KNOWN_MODELS:
+        return KNOWN_MODELS[cfg.model]
+    from transformers import AutoConfig
+
+    from dictionary_learning.utils import resolve_model
+
+    try:
+        c = AutoConfig.from_pretrained(resolve_model(cfg.model))
+    except OSError as e:
+        raise UsageError(f"--model {cfg.model!r}: config not found ({str(e).splitlines()[0]})") from None
+    c = getattr(c, "text_config", c)
+    return c.num_hidden_layers, c.hidden_size
+
+
+def sweep(cfg: DemoConfig, d_model: int, steps: int) -> list:
+    """One TrainerConfig per point of widths x sparsity x lrs x seeds."""
+    from dictionary_learning.trainer import TrainerConfig
+
+    if cfg.sparsity_mode == "target_l0":
+        sparsity = [
+            {"target_l0": t, "sparsity_coeff": c} for t in cfg.target_l0s for c in cfg.sparsity_coeffs
+        ]
+    else:
+        sparsity = [{"sparsity_coeff": c} for c in cfg.sparsity_coeffs]
+    return [
+        TrainerConfig(
+            activation_dim=d_model,
+            dict_size=w,
+            lr=lr,
+            seed=seed,
+            steps=steps,
+            sparsity_mode=cfg.sparsity_mode,
+            bandwidth=cfg.bandwidth,
+            threshold_init=cfg.threshold_init,
+            warmup_steps=cfg.warmup_steps,
+            sparsity_warmup_steps=cfg.sparsity_warmup_steps,
+            decay_start=cfg.decay_start,
+            device=cfg.device,
+            **sp,
+        )
+        for w, sp, lr, seed in itertools.product(cfg.widths, sparsity, cfg.lrs, cfg.seeds)
+    ]
+
+
+def run_meta(cfg: DemoConfig, buffer_cfg: dict | None = None) -> dict:
+    from dictionary_learning.buffer import hook_name
+
+    return {
+        "model": cfg.model,
+        "layer": cfg.layer,
+        "site": cfg.site,
+        "hook": hook_name(cfg.layer, cfg.site),
+        "dataset": cfg.dataset,
+        "data_seed": cfg.seed,
+        "validation_fraction": cfg.validation_fraction,
+        "ctx_len": cfg.ctx_len,
+        "buffer": buffer_cfg or {},
+        "demo": cfg.to_dict(),
+    }
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def plan(cfg: DemoConfig) -> dict:
+    """What would run: sizes, steps, trainers, memory estimates, output folder (no model load)."""
+    from dictionary_learning.training import layer_dir
+
+    n_layers, d = model_shape(cfg)
+    if not 0 <= cfg.layer < n_layers:
+        raise UsageError(f"--layer {cfg.layer} is out of range: {cfg.model} has layers 0..{n_layers - 1}")
+    steps = cfg.tokens // cfg.sae_batch_size
+    trainers = sweep(dataclasses.replace(cfg, device=cfg.device or "cpu"), d, steps)
+    # per trainer: params + grads + 2 Adam moments (fp32), plus a few [B, m] activations per step
+    per_trainer = [
+        4 * (4 * (2 * d * t.dict_size + t.dict_size * 2 + d) + 3 * cfg.sae_batch_size * t.dict_size)
+        for t in trainers
+    ]
+    buffer_bytes = cfg.buffer_tokens * d * 4
+    return {
+        "preset": cfg.model,
+        "layer": cfg.layer,
+        "site": cfg.site,
+        "d_model": d,
+        "dataset": cfg.dataset,
+        "tokens_per_trainer": steps * cfg.sae_batch_size,
+        "steps": steps,
+        "sae_batch_size": cfg.sae_batch_size,
+        "trainers": [t.name for t in trainers],
+        "activation_buffer": _gib(buffer_bytes),
+        "sae_and_optimizer_memory": _gib(sum(per_trainer)),
+        "activation_cache_on_disk": _gib(cfg.tokens * d * 4) if cfg.cache_activations else "none (streaming)",
+        "output_folder": str(layer_dir(cfg.save_dir, run_meta(cfg))),
+    }
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def activations(cfg: DemoConfig, args, model, train_texts, steps: int, out_dir: Path):
+    """The iterator of [sae_batch_size, d] training batches: a streaming buffer, or an activation
+    cache harvested once (or given with --from-cache) and re-read for as many epochs as needed."""
+    from dictionary_learning.buffer import ActivationBuffer
+    from dictionary_learning.cache import ActivationCache, write_cache
+
+    n_ctxs = max(2, cfg.buffer_tokens // cfg.ctx_len)
+    common = dict(ctx_len=cfg.ctx_len, n_ctxs=n_ctxs, refresh_batch_size=cfg.lm_batch_size, seed=cfg.seed)
+    if not (cfg.cache_activations or args.from_cache):
+        buf = ActivationBuffer(
+            train_texts,
+            model,
+            cfg.layer,
+            cfg.site,
+            out_batch_size=cfg.sae_batch_size,
+            epochs=cfg.max_epochs,
+            **common,
+        )
+        return buf, buf.config
+    cache_dir = args.from_cache or out_dir / "activation_cache"
+    if not args.from_cache and not (Path(cache_dir) / "manifest.json").exists():
+        buf = ActivationBuffer(
+            train_texts, model, cfg.layer, cfg.site, out_batch_size=8192, epochs=1, **common
+        )
+        t0 = time.time()
+        m = write_cache(buf, cache_dir, n_tokens=cfg.tokens, meta=run_meta(cfg, buf.config))
+        log.info("harvested %d tokens into %s in %.0f s", m["n_tokens"], cache_dir, time.time() - t0)
+    cache = ActivationCache(cache_dir, batch_size=cfg.sae_batch_size, seed=cfg.seed, epochs=1)
+    epochs = math.ceil(steps * cfg.sae_batch_size / cache.n_tokens)
+    if epochs > cfg.max_epochs:
+        raise UsageError(
+            f"not enough tokens: {cache.n_tokens} training tokens, the budget of {steps} steps needs "
+            f"{epochs} epochs (max_epochs={cfg.max_epochs}); lower --tokens or --set max_epochs={epochs}"
+        )
+    log.info("activation cache: %d tokens, %d epoch(s) for %d steps", cache.n_tokens, epochs, steps)
+    cache = ActivationCache(cache_dir, batch_size=cfg.sae_batch_size, seed=cfg.seed, epochs=epochs)
+    return cache, {**cache.manifest.get("buffer", {}), "cache": str(cache_dir), "epochs": epochs}
+
+
+def evaluate_run(run_dir: Path, cfg: DemoConfig, args) -> list[dict]:
+    """Evaluate every SAE under run_dir on the held-out split; returns their eval_results."""
+    from dictionary_learning import eval_report
+
+    argv = [str(run_dir), "--n-tokens", str(cfg.eval_tokens), "--dtype", cfg.dtype]
+    if cfg.device:
+        argv += ["--device", cfg.device]
+    if args.quiet:
+        argv.append("--no-progress")
+    if eval_report.main(argv) != 0:
+        raise RuntimeError(f"evaluation of {run_dir} failed (see the messages above)")
+    return [
+        {"folder": str(p), **json.loads((p / "eval_results.json").read_text())}
+        for p in eval_report.find_saes(run_dir)
+    ]
+
+
+def print_summary(rows: list[dict]) -> None:
+    print(f"\n{'width':>7} {'L0':>8} {'FVE':>7} {'loss rec. (mean abl.)':>22}  folder")
+    for r in rows:
+        width = r.get("dict_size") or r.get("d_sae") or "?"
+        print(
+            f"{width:>7} {r['l0']:8.1f} {r['frac_variance_explained']:7.3f} "
+            f"{r['frac_recovered_mean']:22.3f}  {r['folder']}"
+        )
+
+
+def run(cfg: DemoConfig, args) -> list[dict]:
+    from dataset import load_texts
+    from dictionary_learning.training import layer_dir, trainSAE
+    from dictionary_learning.utils import default_device, load_language_model, write_json
+
+    cfg.device = cfg.device or default_device()
+    info = plan(cfg)
+    steps = info["steps"]
+    out_dir = layer_dir(cfg.save_dir, run_meta(cfg))
+    t0 = time.time()
+    train_texts = load_texts(cfg.dataset, "train", seed=cfg.seed, validation_fraction=cfg.validation_fraction)
+    model = None
+    if not args.from_cache:
+        model = load_language_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    data, buffer_cfg = activations(cfg, args, model, train_texts, steps, out_dir)
+    trainers = sweep(cfg, info["d_model"], steps)
+    log_every = max(1, min(100, steps // 20))
+    trainSAE(
+        data,
+        trainers,
+        steps,
+        cfg.save_dir,
+        run_meta(cfg, buffer_cfg),
+        log_every=log_every,
+        checkpoint_every=max(log_every, min(1000, steps // 4)),
+        resume=args.resume,
+        overwrite=args.overwrite,
+        use_wandb=args.wandb,
+        progress=not args.quiet,
+    )
+    del model, data
+    log.info("training done in %.0f s", time.time() - t0)
+    rows = evaluate_run(out_dir, cfg, args)
+    write_json(out_dir / "demo_config.json", cfg.to_dict())
+    if args.push_to_hub:
+        from dictionary_learning.hub import push_to_hub
+
+        push_to_hub(out_dir, args.push_to_hub, private=args.private)
+    log.info("all stages done in %.0f s", time.time() - t0)
+    return rows
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    args = parse_args(argv)
+    try:
+        cfg = build_config(args)
+        if args.plan:
+            print(json.dumps(plan(cfg), indent=2))
+            return 0
+        if args.eval_only:
+            print_summary(evaluate_run(Path(args.eval_only), cfg, args))
+            return 0
+        print_summary(run(cfg, args))
+        return 0
+    except UsageError as e:
+        print(f"demo.py: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"demo.py: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("demo.py: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())
