@@ -1,0 +1,219 @@
+"""Push finished run folders to the Hugging Face Hub, one subfolder per trainer, with a model card.
+
+    python -m dictionary_learning.hub RUN_DIR REPO_ID [--private]
+
+RUN_DIR is one trainer folder or any folder above several (a layer folder, a whole save_dir). Each
+finished trainer folder uploads its final SAE (sae_weights.safetensors, config.json, cfg.json),
+eval_results.json when present and training_log.jsonl into `{path relative to RUN_DIR}/` of the repo
+(a trainer folder given alone goes to `{its name}/`); checkpoints stay local. The model card
+README.md is built in memory: nothing is written into the run folders. The token comes from the
+`token` argument, else HF_TOKEN or `hf auth login` (huggingface_hub.get_token()); never from code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .utils import EMBEDDED_ALIASES, read_json
+
+log = logging.getLogger(__name__)
+
+SAE_FILES = ("sae_weights.safetensors", "config.json", "cfg.json")
+EXTRA_FILES = ("eval_results.json", "training_log.jsonl", "sparsity.safetensors")
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class HubPushError(RuntimeError):
+    """A push to the Hub failed; local files are untouched."""
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(constants.HF_HUB_OFFLINE) or env
+
+
+def find_trainer_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """Finished trainer folders at or under `run_dir` (those holding a final SAE, outside checkpoints/,
+    and not marked failed/unfinished in status.json)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise HubPushError(f"{run_dir}: no such folder")
+    found = []
+    for w in sorted(run_dir.rglob(SAE_FILES[0])):
+        d = w.parent
+        if "checkpoints" in d.relative_to(run_dir).parts or any(p.name == "checkpoints" for p in d.parents):
+            continue
+        status = read_json(d / "status.json").get("status") if (d / "status.json").exists() else "done"
+        if (d / "FAILED.json").exists() or status != "done":
+            log.warning("%s: skipped (status %s)", d, "failed" if (d / "FAILED.json").exists() else status)
+            continue
+        missing = [f for f in SAE_FILES if not (d / f).exists()]
+        if missing:
+            raise HubPushError(f"{d}: incomplete SAE folder, missing {missing}")
+        found.append(d)
+    if not found:
+        raise HubPushError(f"{run_dir}: no finished trainer folder (with {SAE_FILES[0]}) to push")
+    return found
+
+
+def _base_model(name) -> str | None:
+    """A Hub model id for the card's `base_model`, or None for local folders."""
+    if name in EMBEDDED_ALIASES:
+        return EMBEDDED_HUB_ID
+    if isinstance(name, str) and name.count("/") == 1 and not os.path.exists(name):
+        return name
+    return None
+
+
+def _summary(d: Path, path_in_repo: str) -> dict:
+    """One model-card table row: from config.json, eval_results.json, and the last log line."""
+    cfg = read_json(d / "config.json")
+    ev = read_json(d / "eval_results.json") if (d / "eval_results.json").exists() else {}
+    ev = ev.get("metrics", ev) if isinstance(ev, dict) else {}
+    last = {}
+    if (d / "training_log.jsonl").exists():
+        lines = [ln for ln in (d / "training_log.jsonl").read_text().splitlines() if ln.strip()]
+        last = json.loads(lines[-1]) if lines else {}
+
+    def metric(ev_key, log_key):
+        if ev.get(ev_key) is not None:
+            return f"{ev[ev_key]:.4g}"
+        return f"{last[log_key]:.4g} (train)" if last.get(log_key) is not None else "–"
+
+    return {
+        "path": path_in_repo,
+        "model": cfg.get("model_name") or cfg.get("model") or "?",
+        "layer": cfg.get("layer", cfg.get("hook_layer", "?")),
+        "hook": cfg.get("hook_name") or cfg.get("site") or "?",
+        "dataset": cfg.get("dataset_path") or cfg.get("dataset") or "?",
+        "width": cfg.get("dict_size", "?"),
+        "l0": metric("l0", "l0"),
+        "fve": metric("frac_variance_explained", "fve"),
+        "ce": f"{ev['frac_recovered']:.4g}" if ev.get("frac_recovered") is not None else "–",
+    }
+
+
+def model_card(repo_id: str, rows: list[dict]) -> str:
+    """README.md text: YAML metadata, a table of the SAEs, and how to load them."""
+    bases = sorted({b for r in rows if (b := _base_model(r["model"]))})
+    datasets = sorted({r["dataset"] for r in rows if _base_model(r["dataset"])})
+    yaml = ["---", "library_name: saelens", "tags:"]
+    yaml += [
+        f"- {t}" for t in ("sparse-autoencoder", "jumprelu", "sae-lens", "interpretability", "sae-factory")
+    ]
+    if bases:
+        yaml += ["base_model:"] + [f"- {b}" for b in bases]
+    if datasets:
+        yaml += ["datasets:"] + [f"- {x}" for x in datasets]
+    yaml.append("---")
+    table = [
+        "| SAE (subfolder) | model | layer | hook | dataset | width | L0 | FVE | CE loss recovered |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ] + [
+        f"| `{r['path']}` | {r['model']} | {r['layer']} | {r['hook']} | {r['dataset']} | {r['width']} "
+        f"| {r['l0']} | {r['fve']} | {r['ce']} |"
+        for r in rows
+    ]
+    ex = rows[0]["path"]
+    body = f"""
+# JumpReLU sparse autoencoders
+
+JumpReLU SAEs (Rajamanoharan et al. 2024, arXiv 2407.14435) trained with SAE Factory. Each subfolder
+holds one SAE: `sae_weights.safetensors` (W_enc [d, m], W_dec [m, d], b_enc, b_dec, threshold; the
+activation normalisation factor is folded in, so the SAE takes raw activations), `config.json`
+(the full training config), `cfg.json` (SAELens), and the training log. L0 and FVE come from
+`eval_results.json` when present, else from the last training log step (marked "train"); CE loss
+recovered is (L_zero - L_sae) / (L_zero - L_clean).
+
+{chr(10).join(table)}
+
+## Load with SAE Factory
+
+```python
+from huggingface_hub import snapshot_download
+from dictionary_learning.dictionary import JumpReluAutoEncoder
+
+local = snapshot_download("{repo_id}", allow_patterns=["{ex}/*"])
+sae = JumpReluAutoEncoder.from_pretrained(f"{{local}}/{ex}")
+x_hat = sae(x)  # x: [batch, d] activations at the hook
+```
+
+## Load with SAELens
+
+```python
+from sae_lens import SAE
+
+sae = SAE.load_from_disk(f"{{local}}/{ex}")   # the folder downloaded above
+# or straight from the Hub (SAELens >= 6): SAE.from_pretrained("{repo_id}", "{ex}")
+```
+"""
+    return "\n".join(yaml) + "\n" + body
+
+
+def push_to_hub(
+    run_dir: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None
+) -> str:
+    """Upload every finished trainer folder under `run_dir` to model repo `repo_id` in one commit.
+
+    Creates the repo if needed. Returns the commit URL. Any failure -> HubPushError (one line);
+    nothing local is written or changed."""
+    if hub_offline():
+        raise HubPushError(
+            f"cannot push to {repo_id}: the Hub is offline (HF_HUB_OFFLINE=1); unset it and retry"
+        )
+    import huggingface_hub
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    token = token or os.environ.get("HF_TOKEN") or huggingface_hub.get_token()
+    if not token:
+        raise HubPushError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    run_dir = Path(run_dir)
+    dirs = find_trainer_dirs(run_dir)
+    ops, rows = [], []
+    for d in dirs:
+        rel = d.name if d == run_dir else d.relative_to(run_dir).as_posix()
+        rows.append(_summary(d, rel))
+        for f in SAE_FILES + EXTRA_FILES:
+            if (d / f).exists():
+                ops.append(CommitOperationAdd(path_in_repo=f"{rel}/{f}", path_or_fileobj=str(d / f)))
+    ops.append(
+        CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=model_card(repo_id, rows).encode())
+    )
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.create_commit(
+            repo_id, operations=ops, commit_message=f"Upload {len(dirs)} JumpReLU SAE(s)", repo_type="model"
+        )
+    except Exception as e:  # HTTP errors, connection errors, bad metadata...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise HubPushError(f"push to {repo_id} failed: {type(e).__name__}: {first}") from None
+    log.info("pushed %d SAE folder(s) to %s", len(dirs), info.commit_url)
+    return str(info.commit_url)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dictionary_learning.hub", description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", help="a trainer folder or a folder above several")
+    p.add_argument("repo_id", help="Hub model repo, e.g. user/smollm2-135m-saes")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        url = push_to_hub(args.run_dir, args.repo_id, private=args.private)
+    except HubPushError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(url)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,563 @@
+"""Training loop: a sweep of JumpReLU trainers on the same activation batches, with run folders,
+exact-resume checkpoints, a JSONL log per trainer, optional wandb, and Hub push (see hub.py).
+
+Run folder of one trainer: `{save_dir}/{model}/{site}_layer{L}/{trainer.name}/` holding
+  config.json, sae_weights.safetensors, cfg.json   final SAE (trainer.save; norm factor folded in)
+  training_log.jsonl                               one JSON line per log step
+  status.json (+ FAILED.json on failure)           running / done / failed / data_exhausted / interrupted
+  checkpoints/step_XXXXXXXX/                       SAE-only snapshots on a log-spaced schedule
+  checkpoints/latest/                              full state: trainer.safetensors, meta.json, data_state.json
+
+Exact resume: `latest/` holds model, optimizer, schedules, step, trainer RNG, the global torch/Python
+RNGs, log accumulators and the data stream position, so interrupted + resumed == uninterrupted (same
+machine, bitwise on CPU). Data objects with state_dict()/load_state_dict() (ActivationBuffer,
+ActivationCache) are restored from their state; plain iterators cannot be, so resume re-creates them
+from the start and fast-forwards by skipping the batches already consumed (exact only when the
+iterator is deterministic).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .buffer import DataExhausted
+from .hub import HubPushError, push_to_hub  # noqa: F401  (re-exported: training.push_to_hub)
+from .trainer import JumpReluTrainer, TrainerConfig, estimate_norm_factor
+from .utils import atomic_path, git_commit, package_versions, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "training_log.jsonl"
+STATUS_FILE = "status.json"
+FAILED_FILE = "FAILED.json"
+AVERAGED = ("loss", "mse", "sparsity_loss", "l0", "frac_variance_explained")  # window means in the log
+LOG_KEYS = {"frac_variance_explained": "fve", "dead_latents": "dead"}  # update() key -> log key
+
+
+class DataExhaustedError(RuntimeError):
+    """The data ran out before `steps`; a checkpoint was saved first."""
+
+
+# ---------------------------------------------------------------------------- run folders
+
+
+def sanitize(name: str) -> str:
+    """Model/hook name -> one folder name ('HuggingFaceTB/SmolLM2' -> 'HuggingFaceTB__SmolLM2')."""
+    return str(name).strip().replace("/", "__").replace("\\", "__").replace(" ", "_")
+
+
+def layer_dir(save_dir: str | os.PathLike, run_meta: dict) -> Path:
+    """`{save_dir}/{model}/{site}_layer{L}` (site falls back to run_meta['hook'])."""
+    for key in ("model", "layer"):
+        if key not in run_meta:
+            raise ValueError(f"run_meta: missing field {key!r} (needs model, layer, site or hook)")
+    site = run_meta.get("site") or run_meta.get("hook")
+    if not site:
+        raise ValueError("run_meta: missing field 'site' (or 'hook')")
+    return Path(save_dir) / sanitize(run_meta["model"]) / f"{sanitize(site)}_layer{int(run_meta['layer'])}"
+
+
+def log_spaced_steps(steps: int, first: int = 64) -> list[int]:
+    """Powers of two from `first` below `steps`: where SAE-only snapshots are kept."""
+    out, s = [], first
+    while s < steps:
+        out.append(s)
+        s *= 2
+    return out
+
+
+def _status(path: Path) -> dict:
+    f = path / STATUS_FILE
+    return read_json(f) if f.exists() else {}
+
+
+# ---------------------------------------------------------------------------- data stream
+
+
+class _Stream:
+    """The data iterator plus a look-ahead queue (the norm-estimate batches), counting the batches
+    handed out so that its position can be saved and restored exactly."""
+
+    def __init__(self, data):
+        self.data = data
+        self.stateful = all(callable(getattr(data, a, None)) for a in ("state_dict", "load_state_dict"))
+        self._it: Iterator | None = None
+        self.queue: deque = deque()
+        self.consumed = 0  # batches handed to the training loop
+        self.anchor: tuple[dict, int] | None = None  # data state before the queued batches were pulled
+
+    def _pull(self):
+        if self._it is None:
+            self._it = iter(self.data)
+        return next(self._it)
+
+    def prefetch(self, n: int) -> list[torch.Tensor]:
+        if self.stateful and not self.queue:
+            self.anchor = (copy.deepcopy(self.data.state_dict()), self.consumed)
+        while len(self.queue) < n:
+            self.queue.append(self._pull())
+        return list(self.queue)
+
+    def __next__(self) -> torch.Tensor:
+        x = self.queue.popleft() if self.queue else self._pull()
+        self.consumed += 1
+        return x
+
+    def state(self) -> dict:
+        if not self.stateful:
+            return {"kind": "skip", "consumed": self.consumed}
+        # with batches queued, the data object is ahead of us: save the anchor plus a skip count
+        state, at = self.anchor if self.queue else (self.data.state_dict(), self.consumed)
+        return {"kind": "state_dict", "state": state, "skip": self.consumed - at, "consumed": self.consumed}
+
+    def restore(self, st: dict) -> None:
+        if st["kind"] == "state_dict":
+            if not self.stateful:
+                raise ValueError("checkpoint data_state.json needs a data object with load_state_dict()")
+            self.data.load_state_dict(st["state"])
+            skip = st["skip"]
+        else:
+            skip = st["consumed"]
+            log.info("data has no state_dict(): fast-forwarding %d consumed batches", skip)
+        for i in range(skip):
+            try:
+                self._pull()
+            except (StopIteration, DataExhausted):
+                raise DataExhaustedError(f"resume: data ran out while skipping batch {i} of {skip}") from None
+        self.consumed = st["consumed"]
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_dir_atomic(final: Path, write) -> None:
+    """Call write(tmp) on a fresh `final.tmp-<pid>` folder, fsync it, then swap it in by renames:
+    final -> final.old, tmp -> final, remove final.old. A kill at any moment leaves `final` or
+    `final.old` complete (read_checkpoint falls back to `.old`)."""
+    final = Path(final)
+    tmp, old = final.with_name(f"{final.name}.tmp-{os.getpid()}"), final.with_name(f"{final.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    for p in [*tmp.rglob("*"), tmp]:
+        _fsync(p)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)  # final exists, so any .old is stale
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(path: Path, trainer, loop: dict, data_state: dict) -> None:
+    """Full state of one trainer at `loop['step']` completed steps into folder `path` (atomic)."""
+    tensors, meta = trainer.state_dict()
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, tmp / "trainer.safetensors")
+        (tmp / "data_state.json").write_text(json.dumps(data_state))
+        (tmp / "meta.json").write_text(json.dumps({"trainer": meta, "loop": loop}, indent=1))  # last
+
+    write_dir_atomic(path, write)
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict, dict, dict] | None:
+    """(trainer tensors, trainer meta, loop state, data state) from `path` or `path.old`, else None."""
+    for p in (Path(path), Path(path).with_name(Path(path).name + ".old")):
+        if (p / "meta.json").exists():
+            meta = read_json(p / "meta.json")
+            tensors = load_file(p / "trainer.safetensors")
+            return tensors, meta["trainer"], meta["loop"], read_json(p / "data_state.json")
+    return None
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state().tolist(), "python": list(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
+    v, inner, gauss = st["python"]
+    random.setstate((v, tuple(inner), gauss))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
+
+
+# ---------------------------------------------------------------------------- one trainer's run
+
+
+@dataclasses.dataclass
+class _Run:
+    trainer: JumpReluTrainer
+    dir: Path
+    start: int = 0  # completed steps when this process began
+    acc: dict = dataclasses.field(default_factory=dict)  # window sums for the log
+    last: dict = dataclasses.field(default_factory=dict)  # last logged line
+    active: bool = True
+    wandb: object = None
+    wandb_id: str | None = None
+    cfg: dict = dataclasses.field(default_factory=dict)  # config.json contents
+    ckpt_step: int | None = None  # step of checkpoints/latest
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.trainer.ae.parameters()).device
+
+    def accumulate(self, out: dict) -> None:
+        for k in AVERAGED:
+            if k in out:
+                self.acc[k] = self.acc.get(k, 0.0) + float(out[k])
+        self.acc["n"] = self.acc.get("n", 0) + 1
+        self.acc["now"] = {k: float(v) for k, v in out.items() if k not in AVERAGED}
+
+    def log_line(self, step: int, tokens: int) -> dict:
+        n = max(self.acc.get("n", 0), 1)
+        vals = {**{k: self.acc[k] / n for k in AVERAGED if k in self.acc}, **self.acc.get("now", {})}
+        line = {"step": step, "tokens": tokens, **{LOG_KEYS.get(k, k): v for k, v in vals.items()}}
+        with open(self.dir / LOG_FILE, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        self.acc, self.last = {}, line
+        return line
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past `step` (written after the checkpoint we resume from)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _make_trainer(cfg, steps: int):
+    if isinstance(cfg, JumpReluTrainer):  # a ready trainer: its schedules must know `steps`
+        cfg.cfg.steps = steps
+        return cfg
+    if isinstance(cfg, dict):
+        cfg = TrainerConfig.from_dict(cfg)
+    if cfg.steps != steps:
+        cfg = dataclasses.replace(cfg, steps=steps)
+    return JumpReluTrainer(cfg)
+
+
+def _feature_density_hist(trainer, x: torch.Tensor, norm_factor: float):
+    """wandb.Histogram of log10 firing frequency of each latent on batch x [B, d] (fired ones only)."""
+    import wandb
+
+    with torch.no_grad():
+        f = trainer.ae.encode(x.to(trainer.device, trainer.ae.W_enc.dtype) / norm_factor)
+    freq = (f != 0).float().mean(0)
+    return wandb.Histogram(torch.log10(freq[freq > 0]).cpu().numpy()), float((freq == 0).float().mean())
+
+
+def _fail(run: _Run, step: int, why: str) -> None:
+    """Stop one trainer after a non-finite loss; keep its last good checkpoint."""
+    run.active = False
+    ck = run.ckpt_step
+    msg = f"{run.trainer.name}: non-finite loss at step {step} ({why}); trainer stopped, " + (
+        f"last good checkpoint: checkpoints/latest (step {ck})" if ck is not None else "no checkpoint yet"
+    )
+    log.error(msg)
+    info = {"status": "failed", "step": step, "reason": msg, "last_checkpoint_step": ck}
+    write_json(run.dir / FAILED_FILE, info)
+    write_json(run.dir / STATUS_FILE, info)
+    if run.wandb is not None:
+        run.wandb.finish(exit_code=1)
+        run.wandb = None
+
+
+def _run_config(trainer, run_meta: dict, norm_factor, schedule: dict) -> dict:
+    """Everything needed to reproduce one trainer's run (written to config.json)."""
+    asdict = lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)
+    meta = json.loads(json.dumps(run_meta, default=asdict))  # BufferConfig etc. -> dicts
+    buf = meta.get("buffer") or meta.get("buffer_config") or {}
+    return {
+        "trainer": trainer.config,
+        "model_name": meta["model"],
+        "hook_name": meta.get("hook"),
+        "layer": meta["layer"],
+        "site": meta.get("site"),
+        "dataset_path": meta.get("dataset"),
+        "context_size": buf.get("ctx_len") if isinstance(buf, dict) else None,
+        "norm_factor": norm_factor,
+        "schedule": schedule,
+        "run_meta": meta,
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+    }
+
+
+def _open_runs(runs: list[_Run], resume: bool, overwrite: bool) -> dict[int, tuple]:
+    """Refuse, clear or resume each run folder; return {run index: checkpoint} for resumed ones."""
+    ckpts = {}
+    for i, run in enumerate(runs):
+        status = _status(run.dir).get("status")
+        if run.dir.exists() and any(run.dir.iterdir()):
+            if overwrite:
+                shutil.rmtree(run.dir)
+            elif not resume:
+                what = "a finished run" if status == "done" else "an unfinished run"
+                raise FileExistsError(
+                    f"{run.dir}: holds {what}; pass resume=True to continue it or overwrite=True"
+                )
+        if resume and status in ("done", "failed"):
+            log.info("%s: already %s, skipped", run.dir, status)
+            run.active = False
+        elif resume and (ck := read_checkpoint(run.dir / "checkpoints" / "latest")) is not None:
+            ckpts[i] = ck
+    return ckpts
+
+
+def _log_step(runs: list[_Run], step: int, tokens: int, x: torch.Tensor, hist: bool) -> list[str]:
+    """Write a log line (and wandb point) for every active trainer; return progress-bar snippets."""
+    post = []
+    for i, r in enumerate(runs):
+        if r.active and step > r.start:
+            ln = r.log_line(step, tokens)
+            post.append(
+                f"{i}: loss {ln['loss']:.3g} L0 {ln['l0']:.1f} fve {ln['fve']:.3f} dead {ln['dead']:.2f}"
+            )
+            if r.wandb is not None:
+                point = {k: v for k, v in ln.items() if k != "step"}
+                if hist:
+                    point["feature_density_log10"], point["frac_silent_in_batch"] = _feature_density_hist(
+                        r.trainer, x, r.cfg["norm_factor"] or 1.0
+                    )
+                r.wandb.log(point, step=step)
+    return post
+
+
+def trainSAE(
+    data: Iterable[torch.Tensor],
+    trainer_configs: list,
+    steps: int,
+    save_dir: str | os.PathLike,
+    run_meta: dict,
+    log_every: int = 100,
+    checkpoint_every: int = 1000,
+    norm_batches: int = 32,
+    snapshot_steps: list[int] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    use_wandb: bool = False,
+    wandb_project: str = "sae-factory",
+    wandb_entity: str | None = None,
+    hist_every: int | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Train every trainer of a sweep on the same batches x [B, d] drawn once from `data`.
+
+    trainer_configs: TrainerConfig, dicts of its fields, or ready JumpReluTrainer objects; `steps`
+    overrides their `steps`. run_meta: model, layer, site (or hook), hook, dataset, buffer (config dict).
+    norm_batches: the first batches estimate one norm factor sqrt(E||x||^2) for the whole sweep (then
+    are trained on); 0 keeps each config's norm_factor. snapshot_steps: SAE-only snapshots (default
+    log_spaced_steps). resume: continue from checkpoints/latest; overwrite: delete existing run folders.
+    hist_every: steps between wandb feature-density histograms (default 10 * log_every).
+    Returns the folders of the trainers that finished (failed ones hold FAILED.json).
+    Raises DataExhaustedError if the data runs out first, SystemExit(130/143) on SIGINT/SIGTERM (both
+    after saving a checkpoint).
+    """
+    if min(steps, log_every, checkpoint_every) <= 0:
+        raise ValueError(
+            f"steps, log_every, checkpoint_every must be > 0, got {steps}, {log_every}, {checkpoint_every}"
+        )
+    if resume and overwrite:
+        raise ValueError("pass resume=True or overwrite=True, not both")
+    base = layer_dir(save_dir, run_meta)
+    runs = [_Run(t, base / t.name) for t in (_make_trainer(c, steps) for c in trainer_configs)]
+    names = [r.dir.name for r in runs]
+    if not runs or len(set(names)) != len(names):
+        raise ValueError(
+            f"trainer names must be distinct and non-empty, got {names}; vary width/sparsity/lr/seed"
+        )
+    n_avail = len(data) if hasattr(data, "__len__") else None  # batches, when the data object knows
+    if n_avail is not None and n_avail < steps:
+        raise ValueError(f"data holds {n_avail} batches but steps={steps}; lower steps or add data")
+    schedule = dict(
+        steps=steps, log_every=log_every, checkpoint_every=checkpoint_every, norm_batches=norm_batches
+    )
+
+    ckpts = _open_runs(runs, resume, overwrite)
+    if not any(r.active for r in runs):
+        return [str(r.dir) for r in runs if _status(r.dir).get("status") == "done"]
+    stream, tokens = _Stream(data), 0
+    start = min(ckpts[i][2]["step"] if i in ckpts else 0 for i, r in enumerate(runs) if r.active)
+    if start > 0:  # the stream goes back to the least advanced trainer's position; then the RNGs
+        _, _, loop0, data_state = min(ckpts.values(), key=lambda ck: ck[2]["step"])
+        stream.restore(data_state)
+        _set_rng_state(loop0["rng"])
+        tokens = loop0["tokens"]
+        log.info("resuming at step %d of %d (%d tokens done)", start, steps, tokens)
+
+    # One norm factor for the sweep (Gemma Scope §3.1) from the first norm_batches, which are then trained on.
+    nf = next((ck[2]["norm_factor"] for ck in ckpts.values()), None)
+    if nf is None and norm_batches > 0 and any(r.trainer.cfg.norm_factor is None for r in runs if r.active):
+        try:
+            nf = float(estimate_norm_factor(stream.prefetch(norm_batches)))
+        except (StopIteration, DataExhausted) as e:
+            raise DataExhaustedError(
+                f"data ran out within the {norm_batches} norm-estimate batches {e}"
+            ) from None
+        log.info("norm factor %.6g from %d batches (kept for training)", nf, norm_batches)
+    for i, run in enumerate(runs):
+        if not run.active:
+            continue
+        run_nf = ckpts[i][2]["norm_factor"] if i in ckpts else run.trainer.cfg.norm_factor or nf
+        if run_nf is not None:
+            run.trainer.set_norm_factor(run_nf)
+        run.cfg = _run_config(run.trainer, run_meta, run_nf, schedule)
+        if i in ckpts:
+            tensors, tmeta, loop, _ = ckpts[i]
+            try:
+                run.trainer.load_state_dict(tensors, tmeta)
+            except ValueError as e:
+                raise ValueError(
+                    f"{run.dir}: cannot resume: {e}; use the original config or overwrite=True"
+                ) from None
+            run.start = run.ckpt_step = loop["step"]
+            run.acc, run.last, run.wandb_id = loop["acc"], loop["last"], loop["wandb_id"]
+        run.dir.mkdir(parents=True, exist_ok=True)
+        _truncate_log(run.dir / LOG_FILE, run.start)
+        write_json(run.dir / "config.json", run.cfg)
+        write_json(run.dir / STATUS_FILE, {"status": "running", "step": run.start})
+        if use_wandb:  # one run per trainer, from this process; offline with WANDB_MODE=offline
+            import wandb
+
+            run.wandb_id = run.wandb_id or os.urandom(6).hex()
+            run.wandb = wandb.init(
+                project=wandb_project, entity=wandb_entity, group=f"{base.parent.name}/{base.name}",
+                name=run.trainer.name, id=run.wandb_id, resume="allow", dir=str(run.dir), config=run.cfg,
+                reinit="create_new",
+            )  # fmt: skip
+
+    def checkpoint(step: int) -> None:
+        ds, rng = stream.state(), _rng_state()
+        for r in runs:
+            if r.active and step >= r.start:
+                r.ckpt_step = step
+                loop = dict(step=step, tokens=tokens, norm_factor=r.cfg["norm_factor"], acc=r.acc, last=r.last,
+                            rng=rng, wandb_id=r.wandb_id, trainer_config=r.trainer.config)  # fmt: skip
+                save_checkpoint(r.dir / "checkpoints" / "latest", r.trainer, loop, ds)
+
+    # SIGINT/SIGTERM: finish the step, save a checkpoint, exit 128+signum. A second signal acts at once.
+    stop, prev = {"sig": None}, {}
+
+    def on_signal(signum, frame):
+        stop["sig"] = signum
+        signal.signal(signum, prev[signum])
+        log.warning("%s received: saving a checkpoint, then exiting", signal.Signals(signum).name)
+
+    if threading.current_thread() is threading.main_thread():
+        prev = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    snaps = set(log_spaced_steps(steps) if snapshot_steps is None else snapshot_steps)
+    hist_every = hist_every or 10 * log_every
+    bar, t0, tokens0, step, exhausted = None, time.time(), tokens, start, None
+    try:
+        while step < steps and stop["sig"] is None:
+            try:
+                x = next(stream)
+            except (StopIteration, DataExhausted) as e:
+                exhausted = e
+                break
+            if bar is None:
+                bar = tqdm(total=steps * x.shape[0], initial=tokens, unit="tok", unit_scale=True,
+                           disable=not progress, dynamic_ncols=True)  # fmt: skip
+            tokens += x.shape[0]
+            on_device = {}
+            for r in runs:
+                if r.active and step >= r.start:  # a trainer resumed from a later checkpoint waits
+                    try:
+                        out = r.trainer.update(step, on_device.setdefault(str(r.device), x.to(r.device)))
+                        if not math.isfinite(float(out["loss"])):
+                            raise FloatingPointError(f"loss is {out['loss']}")
+                    except FloatingPointError as e:
+                        _fail(r, step, str(e))
+                        continue
+                    r.accumulate(out)
+            step += 1
+            bar.update(x.shape[0])
+            if not any(r.active for r in runs):
+                raise RuntimeError(
+                    f"every trainer failed (non-finite loss) by step {step}; see FAILED.json in {base}"
+                )
+            if step % log_every == 0 or step == steps:
+                post = _log_step(runs, step, tokens, x, hist=step % hist_every == 0)
+                rate = (tokens - tokens0) / max(time.time() - t0, 1e-9)
+                bar.set_postfix_str(f"{rate:,.0f} tok/s | " + " | ".join(post))
+                (log.debug if progress else log.info)(
+                    "step %d/%d %.0f tok/s %s", step, steps, rate, " | ".join(post)
+                )
+            for r in runs if step in snaps else ():
+                if r.active and step > r.start:
+                    write_dir_atomic(
+                        r.dir / "checkpoints" / f"step_{step:08d}", lambda t, r=r: r.trainer.save(t, r.cfg)
+                    )
+            if step % checkpoint_every == 0 and step < steps:
+                checkpoint(step)
+
+        if exhausted is not None or stop["sig"] is not None:
+            checkpoint(step)
+            why = "data_exhausted" if exhausted is not None else "interrupted"
+            for r in runs:
+                if r.active:
+                    write_json(r.dir / STATUS_FILE, {"status": why, "step": step, "tokens": tokens})
+            if exhausted is not None:
+                raise DataExhaustedError(
+                    f"data ran out after {step} of {steps} steps ({tokens} tokens){': ' if str(exhausted) else ''}"
+                    f"{exhausted}; checkpoint saved in {base}/*/checkpoints/latest"
+                )
+            sig = signal.Signals(stop["sig"])
+            msg = f"{sig.name}: stopped at step {step} of {steps}; checkpoint saved, resume with resume=True"
+            log.warning(msg)
+            print(msg, file=sys.stderr, flush=True)
+            raise SystemExit(128 + sig.value)
+
+        for r in runs:  # final SAEs: written beside, then moved in; status 'done' last
+            if r.active:
+                tmp = r.dir / f".final.tmp-{os.getpid()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                r.trainer.save(tmp, extra_cfg={**r.cfg, "tokens": tokens})
+                for f in tmp.iterdir():
+                    os.replace(f, r.dir / f.name)
+                tmp.rmdir()
+                write_json(r.dir / STATUS_FILE, {**r.last, "status": "done", "step": steps, "tokens": tokens})
+        return [str(r.dir) for r in runs if _status(r.dir).get("status") == "done"]
+    finally:
+        for s, h in prev.items():
+            if signal.getsignal(s) is on_signal:
+                signal.signal(s, h)
+        if bar is not None:
+            bar.close()
+        for r in runs:
+            if r.wandb is not None:
+                r.wandb.finish(exit_code=0 if _status(r.dir).get("status") == "done" else 1)
