@@ -1,0 +1,372 @@
+"""CLI of the evaluation, and its reports: per-trainer eval_results.json, sparsity.safetensors and
+density histogram, a sweep summary (CSV + markdown), frontier plots and training curves.
+
+    python -m dictionary_learning.evaluation RUN_DIR [--n-tokens N] [--batch-size B] [--ctx-len T]
+        [--device D] [--dataset SPEC] [--model NAME --layer L --site S]
+
+RUN_DIR is one trainer folder (sae_weights.safetensors + config.json), a folder holding several
+(searched recursively; checkpoints/ are skipped), a SAELens folder (cfg.json) or a Gemma Scope
+params.npz. Model, layer, site, data set and ctx_len come from each folder's config.json (SAELens:
+cfg.json metadata); flags override them, and external SAEs without those fields need the flags.
+Always the VALIDATION split of the data set is evaluated (held-out text, never the training text).
+
+Writes: eval_results.json (metrics + an `eval` block with the settings and versions),
+sparsity.safetensors and feature_density.png into each SAE's folder; eval_summary.csv/.md,
+frontier_fve.png, frontier_loss_recovered.png and training_curves.png (from each
+training_log.jsonl) into RUN_DIR (or --out). Exit status: 0 done, 2 bad RUN_DIR or config,
+1 an error while evaluating (one line on stderr either way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from .evaluation import EvalConfig, evaluate, load_sae, log_feature_density, save_sparsity
+from .utils import atomic_path, git_commit, package_versions, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "eval_results.json"
+SPARSITY_FILE = "sparsity.safetensors"
+SUMMARY_COLUMNS = (
+    "trainer",
+    "dict_size",
+    "l0",
+    "frac_variance_explained",
+    "mse",
+    "cossim",
+    "frac_alive",
+    "frac_recovered",
+    "frac_recovered_mean",
+    "kl_div",
+    "kl_score",
+    "loss_original",
+    "loss_reconstructed",
+    "n_tokens",
+)
+CURVE_KEYS = ("loss", "mse", "l0", "fve", "dead", "lr")
+
+
+# ---------------------------------------------------------------------------- finding SAEs
+
+
+def find_saes(run_dir: str | Path) -> list[Path]:
+    """SAE locations under run_dir: folders with sae_weights.safetensors plus config.json or cfg.json
+    (checkpoints/ skipped), or run_dir itself when it is a params.npz file. Sorted."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file() and run_dir.suffix == ".npz":
+        return [run_dir]
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such folder (or .npz file)")
+    found = [
+        p.parent
+        for p in run_dir.rglob("sae_weights.safetensors")
+        if "checkpoints" not in p.relative_to(run_dir).parts
+        and ((p.parent / "config.json").exists() or (p.parent / "cfg.json").exists())
+    ]
+    if not found:
+        raise FileNotFoundError(
+            f"{run_dir}: no SAE found (no folder with sae_weights.safetensors + config.json)"
+        )
+    return sorted(found)
+
+
+def _find(cfg: dict, *keys):
+    """First value of any of `keys` in cfg or its nested dicts (breadth-first), else None."""
+    todo = [cfg]
+    while todo:
+        d = todo.pop(0)
+        for k in keys:
+            if d.get(k) is not None:
+                return d[k]
+        todo += [v for v in d.values() if isinstance(v, dict)]
+    return None
+
+
+def run_settings(sae_path: Path, args) -> dict:
+    """Model, layer, site, data set and window settings of one SAE: its config.json (ours) or cfg.json
+    (SAELens), overridden by the CLI flags. A missing field names the file and the flag to pass."""
+    folder = sae_path.parent if sae_path.is_file() else sae_path
+    cfg_file = next((folder / n for n in ("config.json", "cfg.json") if (folder / n).exists()), None)
+    cfg = read_json(cfg_file) if cfg_file else {}
+    meta = cfg["run_meta"] if isinstance(cfg.get("run_meta"), dict) else cfg
+    hook = _find(cfg, "hook_name", "hook")
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_(\w+)", str(hook)) if hook else None
+    s = {
+        "model": args.model or _find(cfg, "model", "model_name"),
+        "layer": args.layer if args.layer is not None else _find(cfg, "layer"),
+        "site": args.site or _find(cfg, "site") or (m and m.group(2)),
+        "dataset": args.dataset or _find(cfg, "dataset", "dataset_path"),
+        "ctx_len": args.ctx_len or _find(cfg, "ctx_len", "context_size") or EvalConfig.ctx_len,
+        # the data split seed: from run_meta (the top level of our config.json holds the SAE init seed)
+        "seed": _find(meta, "data_seed", "split_seed", "seed") or 0,
+        "validation_fraction": _find(meta, "validation_fraction") or 0.1,
+        "exclude_first_k": args.exclude_first_k
+        if args.exclude_first_k is not None
+        else _find(cfg, "exclude_first_k") or 0,
+    }
+    if s["layer"] is None and m:
+        s["layer"] = int(m.group(1))
+    where = cfg_file or sae_path
+    for key, flag in (
+        ("model", "--model"),
+        ("layer", "--layer"),
+        ("site", "--site"),
+        ("dataset", "--dataset"),
+    ):
+        if s[key] is None:
+            raise ValueError(f"{where}: no {key!r} field; pass {flag}")
+    s["layer"], s["ctx_len"] = int(s["layer"]), int(s["ctx_len"])
+    return s
+
+
+# ---------------------------------------------------------------------------- plots and tables
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_fig(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+
+
+def plot_density(log_density, path: Path, title: str = "") -> None:
+    """Histogram of log10 firing density per latent [m] (dead latents sit at the floor)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(log_density.numpy(), bins=50)
+    ax.set(xlabel="log10 firing density", ylabel="latents", title=title)
+    _save_fig(fig, path)
+
+
+def plot_frontiers(rows: list[dict], out_dir: Path) -> list[Path]:
+    """L0 vs FVE and L0 vs loss recovered, one series per dict_size; returns the PNG paths."""
+    plt = _plt()
+    paths = []
+    panels = (
+        ("frontier_fve.png", [("frac_variance_explained", "FVE")]),
+        (
+            "frontier_loss_recovered.png",
+            [("frac_recovered", "vs zero ablation"), ("frac_recovered_mean", "vs mean ablation")],
+        ),
+    )
+    for name, series in panels:
+        fig, ax = plt.subplots(figsize=(5, 3.5), layout="constrained")
+        for width in sorted({r["dict_size"] for r in rows}):
+            pts = sorted((r["l0"], r) for r in rows if r["dict_size"] == width)
+            for key, label in series:
+                ys = [(x, r[key]) for x, r in pts if r.get(key) is not None]
+                if ys:
+                    ax.plot(
+                        *zip(*ys), marker="o", label=f"w={width} {label}" if len(series) > 1 else f"w={width}"
+                    )
+        l0s = [r["l0"] for r in rows if r["l0"] > 0]
+        if l0s and max(l0s) > 5 * min(l0s):
+            ax.set_xscale("log")
+        ax.set(xlabel="L0", ylabel=series[0][1] if len(series) == 1 else "fraction of loss recovered")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        paths.append(out_dir / name)
+        _save_fig(fig, paths[-1])
+    return paths
+
+
+def read_training_log(path: Path) -> list[dict]:
+    """training_log.jsonl -> list of records; a bad line names the file and line number."""
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+    return out
+
+
+def plot_training_curves(logs: dict[str, list[dict]], path: Path) -> Path | None:
+    """One panel per logged quantity (loss, mse, l0, fve, dead, lr) against step, a line per trainer."""
+    keys = [k for k in CURVE_KEYS if any(k in r for rs in logs.values() for r in rs)]
+    if not keys:
+        return None
+    plt = _plt()
+    ncol = min(3, len(keys))
+    nrow = -(-len(keys) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3 * nrow), squeeze=False, layout="constrained")
+    for ax, key in zip(axes.flat, keys):
+        for name, recs in logs.items():
+            pts = [(r["step"], r[key]) for r in recs if key in r and "step" in r and r[key] is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=name.lstrip("_") or name)  # "_x" labels are hidden
+        ax.set(xlabel="step", title=key)
+        if key in ("loss", "mse"):
+            ax.set_yscale("log")
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    _save_fig(fig, path)
+    return path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return "" if v is None else str(v)
+
+
+def write_summary(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
+    """eval_summary.csv (full precision) and eval_summary.md (a markdown table) in out_dir."""
+    csv_path, md_path = out_dir / "eval_summary.csv", out_dir / "eval_summary.md"
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in SUMMARY_COLUMNS) + " |" for r in rows]
+    with atomic_path(md_path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m dictionary_learning.evaluation",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", help="trainer folder, folder of trainer folders, SAELens folder or params.npz")
+    p.add_argument(
+        "--n-tokens", type=int, default=EvalConfig.n_tokens, help="real held-out tokens to evaluate"
+    )
+    p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="contexts per LM forward")
+    p.add_argument("--ctx-len", type=int, default=None, help="window length (default: the run's ctx_len)")
+    p.add_argument("--device", default=EvalConfig.device, help="cpu, cuda, ... (default: a GPU if present)")
+    p.add_argument("--dtype", default="float32", help="language-model dtype (default float32)")
+    p.add_argument(
+        "--dataset", default=None, help="data set spec (default: the run's); its validation split is used"
+    )
+    p.add_argument("--model", default=None, help="model name/folder (default: the run's)")
+    p.add_argument("--layer", type=int, default=None, help="layer (default: the run's)")
+    p.add_argument("--site", default=None, help="resid_post / resid_pre / mlp_out (default: the run's)")
+    p.add_argument("--exclude-first-k", type=int, default=None, help="default: the run's buffer setting")
+    p.add_argument("--out", default=None, help="folder for the summary and plots (default: RUN_DIR)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        saes = find_saes(args.run_dir)
+        settings = [run_settings(p, args) for p in saes]
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        rows = run(args, saes, settings)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"evaluated {len(rows)} SAE(s); summary in {Path(args.out or _out_dir(args.run_dir)) / 'eval_summary.md'}"
+    )
+    return 0
+
+
+def _display_names(paths: list[Path]) -> list[str]:
+    """Names for tables and legends: each SAE's path below the deepest folder common to all of them
+    (a single SAE: its folder or file name)."""
+    parents = [p.parent for p in paths]
+    common = Path(os.path.commonpath(parents)) if len(paths) > 1 else parents[0]
+    return [
+        p.relative_to(common).with_suffix("").as_posix() if p.is_file() else p.relative_to(common).as_posix()
+        for p in paths
+    ]
+
+
+def _out_dir(run_dir) -> Path:
+    p = Path(run_dir)
+    return p.parent if p.is_file() else p
+
+
+def run(args, saes: list[Path], settings: list[dict]) -> list[dict]:
+    """Evaluate every SAE (each model and validation split loaded once) and write all reports."""
+    from tqdm.auto import tqdm
+
+    from dataset import load_texts
+
+    from .utils import load_language_model
+
+    models, texts, rows, logs = {}, {}, [], {}
+    jobs = sorted(zip(saes, settings, _display_names(saes)), key=lambda j: str(j[1]["model"]))  # stable
+    for path, s, name in tqdm(jobs, desc="SAEs", disable=args.no_progress):
+        if s["model"] not in models:
+            models.clear()  # one language model in memory at a time
+            models[s["model"]] = load_language_model(s["model"], device=args.device, dtype=args.dtype)
+        data_key = (s["dataset"], s["seed"], s["validation_fraction"])
+        if data_key not in texts:
+            texts[data_key] = load_texts(
+                s["dataset"], split="validation", seed=s["seed"], validation_fraction=s["validation_fraction"]
+            )
+        sae = load_sae(str(path), device=args.device)
+        metrics, counts = evaluate(
+            sae,
+            models[s["model"]],
+            s["layer"],
+            s["site"],
+            texts[data_key],
+            n_tokens=args.n_tokens,
+            batch_size=args.batch_size,
+            ctx_len=s["ctx_len"],
+            device=args.device,
+            exclude_first_k=s["exclude_first_k"],
+            progress=not args.no_progress,
+            return_counts=True,
+        )
+        folder = path.parent if path.is_file() else path
+        results = {
+            **metrics,
+            "eval": {
+                **s,
+                "sae": str(path),
+                "split": "validation",
+                "n_tokens_requested": args.n_tokens,
+                "batch_size": args.batch_size,
+                "lm_dtype": args.dtype,
+                "versions": package_versions(),
+                "git_commit": git_commit(),
+            },
+        }
+        write_json(folder / RESULTS_FILE, results)
+        save_sparsity(folder / SPARSITY_FILE, counts, metrics["n_tokens"])
+        plot_density(log_feature_density(counts, metrics["n_tokens"]), folder / "feature_density.png", name)
+        rows.append({"trainer": name, **metrics})
+        if (folder / "training_log.jsonl").exists():
+            logs[name] = read_training_log(folder / "training_log.jsonl")
+    out = Path(args.out) if args.out else _out_dir(args.run_dir)
+    write_summary(rows, out)
+    plot_frontiers(rows, out)
+    plot_training_curves(logs, out / "training_curves.png")
+    return rows
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

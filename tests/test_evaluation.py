@@ -1,0 +1,516 @@
+"""Evaluation: metric definitions on hand-computed tensors, the splice, the protocol, the CLI.
+
+The language model is a tiny random LlamaForCausalLM (hidden 32, 2 layers) with a word-level
+tokenizer that has SmolLM2's special tokens (EOS-separated packing, so special tokens occur), saved
+to a folder and loaded through utils.load_language_model exactly as the CLI loads it.
+"""
+
+import csv
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dictionary_learning import evaluation as ev
+from dictionary_learning.dictionary import JumpReluAutoEncoder
+
+D, LAYER = 32, 1
+TEXTS = [
+    f"Patient {i} presented with {['fever', 'cough', 'chest pain', 'headache', 'nausea'][i % 5]} for "
+    f"{i % 9 + 1} days; the {['nurse', 'doctor', 'resident'][i % 3]} ordered "
+    f"{['a blood count', 'an x-ray', 'a culture', 'an ECG'][i % 4]}."
+    for i in range(200)
+]
+KW = dict(n_tokens=600, batch_size=4, ctx_len=32, progress=False)
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls run ~30x faster on one thread than on an oversubscribed shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over TEXTS with SmolLM2's special tokens (bos 1, eos = pad 2; adds no
+    BOS, so packing separates texts with EOS). A 60-word vocabulary keeps the logits cheap."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t in TEXTS for w in re.findall(r"\w+|[^\w\s]+", t)})
+    vocab = {"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<unk>",
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    from dictionary_learning.utils import load_language_model
+
+    return load_language_model(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+def identity_sae(d=D):
+    """dict_size 2d, W_enc = [I, -I], W_dec = [I; -I], threshold 0: JumpReLU(±x) reconstructs x exactly."""
+    sae = JumpReluAutoEncoder(d, 2 * d, init=False)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        for p in (sae.b_enc, sae.b_dec, sae.threshold):
+            p.zero_()
+    return sae
+
+
+def assert_same_metrics(got: dict, want: dict, rel: float, abs_: float = 0.0):
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        if isinstance(v, float):
+            assert got[k] == pytest.approx(v, rel=rel, abs=abs_), k
+        else:
+            assert got[k] == v, k
+
+
+def random_sae(d=D, m=4 * D, seed=0):
+    sae = JumpReluAutoEncoder(d, m, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():  # thresholds around the pre-activation scale so some latents fire, some not
+        sae.threshold.copy_(torch.rand(m, generator=torch.Generator().manual_seed(seed + 1)) * 0.5)
+    return sae
+
+
+# ---------------------------------------------------------------------------- pure metrics
+
+
+def test_reconstruction_metrics_hand_computed():
+    x = torch.tensor([[1.0, 2.0, 2.0], [3.0, 0.0, 4.0]])  # norms 3 and 5
+    x_hat = torch.tensor([[1.0, 2.0, 2.0], [0.0, 0.0, 0.0]])
+    f = torch.tensor([[0.0, 1.5, 0.0, 2.0], [0.0, 0.0, 0.0, 0.1]])
+    m = ev.reconstruction_metrics(x, x_hat, f)
+    # Var over the 2 tokens per dim: x -> 1, 1, 1 (sum 3); r = x - x_hat = [[0,0,0],[3,0,4]] -> 2.25, 0, 4
+    assert m["frac_variance_explained"] == pytest.approx(1 - 6.25 / 3)
+    assert m["mse"] == pytest.approx(12.5)  # (0 + 25) / 2
+    assert m["cossim"] == pytest.approx(0.5)  # (1 + 0) / 2
+    assert m["l2_ratio"] == pytest.approx(0.5)  # (3/3 + 0/5) / 2
+    assert m["relative_reconstruction_bias"] == pytest.approx(1.0)  # E||x_hat||^2 = 4.5 = E<x, x_hat>
+    assert m["l0"] == pytest.approx(1.5)
+    assert m["frac_alive"] == pytest.approx(0.5)
+    assert m["dead_latents"] == 2
+    assert m["n_tokens"] == 2
+
+
+def test_reconstruction_metrics_shrunk_reconstruction():
+    x = torch.tensor([[1.0, 2.0, 2.0], [3.0, 0.0, 4.0]])
+    m = ev.reconstruction_metrics(x, x / 2, torch.ones(2, 5))
+    assert m["frac_variance_explained"] == pytest.approx(0.75)  # Var(x/2) = Var(x)/4
+    assert m["mse"] == pytest.approx((9 / 4 + 25 / 4) / 2)
+    assert m["cossim"] == pytest.approx(1.0)
+    assert m["l2_ratio"] == pytest.approx(0.5)
+    assert m["relative_reconstruction_bias"] == pytest.approx(0.5)  # 4.25 / 8.5: shrinkage shows
+    assert m["l0"] == 5 and m["frac_alive"] == 1.0 and m["dead_latents"] == 0
+
+
+def test_stats_do_not_depend_on_how_tokens_are_split():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, generator=g) * 3 + 1
+    x_hat = x + torch.randn(50, 8, generator=g)
+    f = torch.relu(torch.randn(50, 16, generator=g))
+    whole = ev.reconstruction_metrics(x, x_hat, f)
+    stats = ev.ReconstructionStats(8, 16)
+    for i in range(0, 50, 7):
+        stats.update(x[i : i + 7], x_hat[i : i + 7], f[i : i + 7])
+    parts = stats.compute()
+    for k, v in whole.items():
+        assert parts[k] == pytest.approx(v, rel=1e-12, abs=1e-12), k
+
+
+def test_log_feature_density_has_floor():
+    got = ev.log_feature_density(torch.tensor([0, 1, 2, 4]), 4)
+    want = torch.tensor([-10.0, math.log10(0.25), math.log10(0.5), 0.0])
+    torch.testing.assert_close(got, want)
+
+
+def test_next_token_loss_kl_and_frac_recovered_hand_computed():
+    # 1 row, 4 positions, vocab 2; position 2 holds a special token (keep False)
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3), 0.0], [5.0, -5.0], [1.0, 2.0]]])
+    ids = torch.tensor([[0, 0, 1, 1]])
+    keep = torch.tensor([[True, True, False, True]])
+    logp, targets = ev.next_token_logprobs(logits, ids, keep)
+    # loss positions: t=0 (next token real) and t=2 (next token real); t=1 predicts the special token
+    assert targets.tolist() == [0, 1]
+    torch.testing.assert_close(logp[0], torch.tensor([math.log(0.5)] * 2))
+    torch.testing.assert_close(
+        ev.cross_entropy(logp, targets), torch.tensor([math.log(2), 10 + math.log1p(math.exp(-10))])
+    )
+    p = torch.tensor([[0.5, 0.5]]).log()
+    q = torch.tensor([[0.75, 0.25]]).log()
+    # KL(p || q) = 0.5 ln(0.5/0.75) + 0.5 ln(0.5/0.25) = 0.5 ln(4/3)
+    torch.testing.assert_close(ev.kl_divergence(p, q), torch.tensor([0.5 * math.log(4 / 3)]))
+    assert ev.kl_divergence(q, q).abs().max() < 1e-7
+    assert ev.frac_recovered(5.0, 2.0, 1.0) == pytest.approx(0.75)
+    assert ev.frac_recovered(5.0, 5.0, 1.0) == 0.0
+    assert math.isnan(ev.frac_recovered(1.0, 1.0, 1.0))
+
+
+# ---------------------------------------------------------------------------- the procedure
+
+
+def test_identity_dictionary_is_perfect(tiny_model):
+    r = ev.evaluate(identity_sae(), tiny_model, LAYER, "resid_post", TEXTS, **KW)
+    assert r["frac_variance_explained"] == pytest.approx(1.0, abs=1e-6)
+    assert r["mse"] == pytest.approx(0.0, abs=1e-10)
+    assert r["cossim"] == pytest.approx(1.0, abs=1e-6)
+    assert r["frac_recovered"] == pytest.approx(1.0, abs=1e-6)
+    assert r["frac_recovered_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert r["kl_div"] == pytest.approx(0.0, abs=1e-7)
+    assert r["kl_score"] == pytest.approx(1.0, abs=1e-6)
+    assert r["loss_reconstructed"] == pytest.approx(r["loss_original"], abs=1e-6)
+    # the ablations do change the loss, else the scores above would mean nothing
+    assert abs(r["loss_zero"] - r["loss_original"]) > 1e-2 and r["kl_div_zero"] > 1e-3
+    assert abs(r["loss_mean"] - r["loss_original"]) > 1e-2 and r["kl_div_mean"] > 1e-3
+    assert r["n_tokens"] >= KW["n_tokens"] and r["n_loss_tokens"] > 0
+
+
+def test_all_zero_dictionary_recovers_nothing(tiny_model):
+    sae = identity_sae()
+    with torch.no_grad():
+        sae.W_dec.zero_()  # x_hat = 0 whatever f is
+    r = ev.evaluate(sae, tiny_model, LAYER, "resid_post", TEXTS, **KW)
+    assert r["frac_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert r["loss_reconstructed"] == pytest.approx(r["loss_zero"], rel=1e-9)
+    assert r["kl_div"] == pytest.approx(r["kl_div_zero"], rel=1e-9)
+    assert r["kl_score"] == pytest.approx(0.0, abs=1e-6)
+    assert r["frac_variance_explained"] == pytest.approx(0.0, abs=1e-9)
+    assert r["cossim"] == 0.0 and r["l2_ratio"] == 0.0
+
+
+def test_dead_latents_and_sparsity_counts(tiny_model, tmp_path):
+    sae = identity_sae()
+    with torch.no_grad():
+        sae.threshold[:4] = 1e6  # these 4 latents can never fire
+    r, counts = ev.evaluate(sae, tiny_model, LAYER, "resid_post", TEXTS, return_counts=True, **KW)
+    assert counts.shape == (2 * D,) and (counts[:4] == 0).all()
+    assert r["dead_latents"] == int((counts == 0).sum()) >= 4
+    assert r["frac_alive"] == pytest.approx(1 - r["dead_latents"] / (2 * D))
+    assert r["l0"] == pytest.approx(counts.sum().item() / r["n_tokens"])
+    ev.save_sparsity(tmp_path / "sparsity.safetensors", counts, r["n_tokens"])
+    from safetensors.torch import load_file
+
+    s = load_file(tmp_path / "sparsity.safetensors")["sparsity"]
+    assert s.shape == (2 * D,) and (s[:4] == -10).all()
+    torch.testing.assert_close(s[4:], (counts[4:].double() / r["n_tokens"]).clamp_min(1e-10).log10().float())
+
+
+@pytest.mark.parametrize("site", ["resid_post", "resid_pre", "mlp_out"])
+def test_splice_matches_a_manual_forward_hook(tiny_model, site):
+    """The nnsight splice equals replacing the same activation with a plain torch hook, and leaves
+    no edit behind (the next clean run is clean)."""
+    from dictionary_learning.buffer import get_hook_module, pack_texts
+
+    ids, keep = pack_texts(TEXTS[:8], tiny_model.tokenizer, 32)
+    ids, keep = ids[:3], keep[:3]
+    envoy = get_hook_module(tiny_model, LAYER, site)
+    act, clean = ev.traced_forward(tiny_model, envoy, site, ids)
+    sae = random_sae()
+    patched = act.clone()
+    with torch.no_grad():
+        patched[keep] = sae(act[keep])
+    _, spliced = ev.traced_forward(tiny_model, envoy, site, ids, replacement=patched)
+
+    hf = tiny_model._module
+    layer = hf.model.layers[LAYER]
+    if site == "resid_pre":
+        handle = layer.register_forward_pre_hook(
+            lambda mod, args, kwargs: ((patched,), kwargs), with_kwargs=True
+        )
+    else:
+        module = layer.mlp if site == "mlp_out" else layer
+        handle = module.register_forward_hook(lambda mod, inp, out: patched)
+    try:
+        with torch.no_grad():
+            manual = hf(ids).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(spliced, manual, rtol=1e-5, atol=1e-5)
+    assert (spliced - clean).abs().max() > 1e-3  # the splice did something
+    _, clean_again = ev.traced_forward(tiny_model, envoy, site, ids)
+    torch.testing.assert_close(clean_again, clean, rtol=0, atol=0)
+
+
+def test_only_real_positions_are_patched_and_mean_is_over_real_tokens(tiny_model, monkeypatch):
+    """Spy on the traced passes: special-token positions keep their clean activation in every
+    patched pass; the mean ablation uses the mean over the evaluated real tokens."""
+    calls = []
+    real = ev.traced_forward
+
+    def spy(model, envoy, site, input_ids, replacement=None, stop_at_hook=False):
+        act, logits = real(model, envoy, site, input_ids, replacement, stop_at_hook)
+        calls.append((input_ids, act, replacement, stop_at_hook))
+        return act, logits
+
+    monkeypatch.setattr(ev, "traced_forward", spy)
+    r = ev.evaluate(random_sae(), tiny_model, LAYER, "resid_post", TEXTS, **KW)
+    from dictionary_learning.buffer import keep_mask_for
+
+    clean = [(ids, a) for ids, a, rep, stop in calls if rep is None and not stop]
+    patched = [(ids, rep) for ids, a, rep, stop in calls if rep is not None]
+    assert len(patched) == 3 * len(clean)  # x_hat, zero, mean per batch
+    keeps = [keep_mask_for(ids, tiny_model.tokenizer) for ids, _ in clean]
+    assert sum(int(k.sum()) for k in keeps) == r["n_tokens"]
+    assert sum(int(k[:, 1:].sum()) for k in keeps) == r["n_loss_tokens"]
+    assert any((~k).any() for k in keeps)  # the texts do contain special tokens
+    mean = torch.cat([a[k] for (_, a), k in zip(clean, keeps)]).double().mean(0).float()
+    for i, ((_ids, act), keep) in enumerate(zip(clean, keeps)):
+        reps = [rep for _, rep in patched[3 * i : 3 * i + 3]]
+        for rep in reps:
+            torch.testing.assert_close(rep[~keep], act[~keep], rtol=0, atol=0)
+        assert (reps[1][keep] == 0).all()
+        torch.testing.assert_close(reps[2][keep], mean.expand(int(keep.sum()), D), rtol=1e-6, atol=1e-7)
+
+
+def test_results_do_not_depend_on_batch_size(tiny_model):
+    sae = random_sae()
+    runs = [
+        ev.evaluate(sae, tiny_model, LAYER, "resid_post", TEXTS, **{**KW, "batch_size": b}) for b in (1, 3, 8)
+    ]
+    for other in runs[1:]:
+        assert_same_metrics(other, runs[0], rel=1e-5, abs_=1e-7)
+
+
+def test_our_saelens_and_gemma_scope_files_give_identical_metrics(tiny_model, tmp_path):
+    sae = random_sae()
+    ours = sae.save(tmp_path / "ours", {"model": "tiny", "layer": LAYER, "site": "resid_post"})
+    saelens = sae.save(tmp_path / "saelens")
+    (saelens / "config.json").unlink()  # SAELens layout: cfg.json + sae_weights.safetensors only
+    npz = sae.export_gemma_scope(tmp_path / "gs" / "params.npz")
+    results = [
+        ev.evaluate(ev.load_sae(str(p)), tiny_model, LAYER, "resid_post", TEXTS, **KW)
+        for p in (ours, saelens, npz)
+    ]
+    direct = ev.evaluate(sae, tiny_model, LAYER, "resid_post", TEXTS, **KW)
+    for r in results:
+        assert_same_metrics(r, direct, rel=1e-12)
+
+
+def test_bad_arguments_get_clear_errors(tiny_model):
+    with pytest.raises(ValueError, match="texts"):
+        ev.evaluate(identity_sae(), tiny_model, LAYER, "resid_post", [], **KW)
+    with pytest.raises(ValueError, match="activation_dim"):
+        ev.evaluate(identity_sae(D + 1), tiny_model, LAYER, "resid_post", TEXTS, **KW)
+    with pytest.raises(ValueError, match="layer"):
+        ev.evaluate(identity_sae(), tiny_model, 7, "resid_post", TEXTS, **KW)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, tmp_path_factory):
+    """A two-trainer sweep folder written by training.trainSAE (random data: only the files matter)."""
+    from dictionary_learning.trainer import TrainerConfig
+    from dictionary_learning.training import trainSAE
+
+    root = tmp_path_factory.mktemp("cli")
+    texts_file = root / "texts.txt"
+    texts_file.write_text("\n".join(TEXTS) + "\n")
+    g = torch.Generator().manual_seed(0)
+    data = iter([torch.randn(64, D, generator=g) for _ in range(20)])
+    configs = [
+        TrainerConfig(
+            activation_dim=D,
+            dict_size=w,
+            target_l0=t,
+            lr=1e-3,
+            warmup_steps=2,
+            sparsity_warmup_steps=5,
+            device="cpu",
+        )
+        for w, t in ((64, 8), (128, 16))
+    ]
+    run_meta = {
+        "model": str(tiny_model_dir),
+        "layer": LAYER,
+        "site": "resid_post",
+        "hook": "blocks.1.hook_resid_post",
+        "dataset": str(texts_file),
+        "buffer": {"ctx_len": 32},
+        "seed": 0,
+        "validation_fraction": 0.1,
+    }
+    dirs = trainSAE(
+        data,
+        configs,
+        steps=20,
+        save_dir=root / "runs",
+        run_meta=run_meta,
+        log_every=5,
+        checkpoint_every=10,
+        norm_batches=2,
+        progress=False,
+    )
+    return root, [Path(d) for d in dirs]
+
+
+def test_cli_evaluates_a_sweep_and_writes_reports(trained_run, monkeypatch):
+    import dataset
+    from dictionary_learning import eval_report, utils
+
+    root, dirs = trained_run
+    splits, loads = [], []
+    real_load_texts, real_load_model = dataset.load_texts, utils.load_language_model
+    monkeypatch.setattr(
+        dataset, "load_texts", lambda *a, **k: splits.append(k.get("split")) or real_load_texts(*a, **k)
+    )
+    monkeypatch.setattr(
+        utils, "load_language_model", lambda *a, **k: loads.append(a) or real_load_model(*a, **k)
+    )
+
+    run_dir = root / "runs"
+    assert eval_report.main([str(run_dir), "--n-tokens", "300", "--batch-size", "4", "--no-progress"]) == 0
+    assert splits == ["validation"] and len(loads) == 1  # held-out text; the model loaded once
+
+    rows = list(csv.DictReader(open(run_dir / "eval_summary.csv")))
+    assert len(rows) == 2
+    for d, row in zip(sorted(dirs), rows):
+        res = json.loads((d / "eval_results.json").read_text())
+        assert res["eval"]["split"] == "validation" and res["n_tokens"] >= 300 and res["ctx_len"] == 32
+        assert row["trainer"].endswith(d.name)
+        assert float(row["frac_variance_explained"]) == res["frac_variance_explained"]
+        assert float(row["l0"]) == res["l0"] and int(row["dict_size"]) == res["dict_size"]
+        from safetensors.torch import load_file
+
+        assert load_file(d / "sparsity.safetensors")["sparsity"].shape == (res["dict_size"],)
+        assert_png(d / "feature_density.png")
+    md = (run_dir / "eval_summary.md").read_text().splitlines()
+    assert len(md) == 4 and md[0].startswith("| trainer |") and "frac_recovered_mean" in md[0]
+    assert all(d.name in "".join(md) for d in dirs)
+    for name in ("frontier_fve.png", "frontier_loss_recovered.png", "training_curves.png"):
+        assert_png(run_dir / name)
+
+    # the CLI's numbers are evaluate()'s on the same validation texts
+    texts = real_load_texts(str(root / "texts.txt"), split="validation", seed=0, validation_fraction=0.1)
+    res = json.loads((dirs[0] / "eval_results.json").read_text())
+    from dictionary_learning.utils import load_language_model
+
+    direct = ev.evaluate(
+        ev.load_sae(str(dirs[0])),
+        load_language_model(res["eval"]["model"], device="cpu"),
+        LAYER,
+        "resid_post",
+        texts,
+        n_tokens=300,
+        batch_size=2,
+        ctx_len=32,
+        progress=False,
+    )
+    assert_same_metrics({k: res[k] for k in direct}, direct, rel=1e-5, abs_=1e-7)
+
+
+def test_cli_evaluates_an_external_npz_by_the_same_procedure(trained_run, tmp_path):
+    from dictionary_learning import eval_report
+
+    root, dirs = trained_run
+    npz = ev.load_sae(str(dirs[0])).export_gemma_scope(tmp_path / "params.npz")
+    args = ["--n-tokens", "300", "--batch-size", "3", "--no-progress"]
+    ours = eval_report.main([str(dirs[0]), *args])
+    ext = eval_report.main(
+        [
+            str(npz),
+            "--model",
+            json.loads((dirs[0] / "config.json").read_text())["model_name"],
+            "--layer",
+            str(LAYER),
+            "--site",
+            "resid_post",
+            "--dataset",
+            str(root / "texts.txt"),
+            "--ctx-len",
+            "32",
+            *args,
+        ]
+    )
+    assert ours == ext == 0
+    a = json.loads((dirs[0] / "eval_results.json").read_text())
+    b = json.loads((tmp_path / "eval_results.json").read_text())
+    metrics = [k for k in a if k != "eval"]
+    assert_same_metrics({k: b[k] for k in metrics}, {k: a[k] for k in metrics}, rel=1e-12)
+    assert (tmp_path / "eval_summary.md").exists() and (tmp_path / "sparsity.safetensors").exists()
+
+
+def test_cli_bad_run_dir_exits_2_with_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for target in (tmp_path / "missing", tmp_path / "empty"):
+        r = subprocess.run(
+            [sys.executable, "-m", "dictionary_learning.evaluation", str(target)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 2
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and str(target) in lines[0]
+
+
+def test_external_sae_without_model_field_names_the_flag(tmp_path):
+    from dictionary_learning import eval_report
+
+    npz = random_sae().export_gemma_scope(tmp_path / "params.npz")
+    with pytest.raises(ValueError, match="--model"):
+        eval_report.run_settings(npz, eval_report.parse_args([str(npz)]))
+
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+
+
+def test_find_saes_skips_checkpoints_and_needs_a_config(tmp_path):
+    from dictionary_learning import eval_report
+
+    sae = random_sae()
+    for sub in ("a", "b", "a/checkpoints/step_00000064"):
+        sae.save(tmp_path / sub, {"model": "m", "layer": 1, "site": "resid_post"})
+    (tmp_path / "b" / "config.json").unlink()
+    (tmp_path / "b" / "cfg.json").unlink()  # weights alone are not an SAE folder
+    assert eval_report.find_saes(tmp_path) == [tmp_path / "a"]
+    assert eval_report.find_saes(tmp_path / "a") == [tmp_path / "a"]
+    with pytest.raises(FileNotFoundError, match="no SAE found"):
+        eval_report.find_saes(tmp_path / "b")
