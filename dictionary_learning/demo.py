@@ -3,6 +3,7 @@
     python dictionary_learning/demo.py                         # embedded SmolLM2-135M on the sample, CPU
     python dictionary_learning/demo.py --preset gemma-2-2b     # the original recipe (GPU, Hub)
     python dictionary_learning/demo.py --preset gemma-2-2b --plan   # what would run, without running it
+    torchrun --nproc_per_node 4 dictionary_learning/demo.py ...     # 4 GPUs, data parallel (distributed.py)
 
 Stages: data (dataset.load_texts, train and validation splits) -> activations (buffer.ActivationBuffer,
 optionally written once to an on-disk cache.ActivationCache) -> training (training.trainSAE, one
@@ -96,6 +97,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-only", metavar="RUN_DIR", help="only evaluate the SAEs under RUN_DIR")
     p.add_argument("--plan", action="store_true", help="print what would run, then exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    d = p.add_argument_group("under torchrun (distributed.py)")
+    d.add_argument("--distributed-mode", choices=["data", "sweep"], default="data",
+                   help="data: every rank trains every SAE on its data shard, gradients all-reduced; "
+                   "sweep: the sweep's trainers are split across the ranks (default: data)")  # fmt: skip
+    d.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                   help="a rank waiting longer for a silent peer fails (default $SAE_DIST_TIMEOUT or 1800)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -187,6 +194,7 @@ def run_meta(cfg: DemoConfig, buffer_cfg: dict | None = None) -> dict:
         "data_seed": cfg.seed,
         "validation_fraction": cfg.validation_fraction,
         "ctx_len": cfg.ctx_len,
+        "exclude_first_k": cfg.exclude_first_k,
         "buffer": buffer_cfg or {},
         "demo": cfg.to_dict(),
     }
@@ -223,7 +231,9 @@ def plan(cfg: DemoConfig) -> dict:
         "trainers": [t.name for t in trainers],
         "activation_buffer": _gib(buffer_bytes),
         "sae_and_optimizer_memory": _gib(sum(per_trainer)),
-        "activation_cache_on_disk": _gib(cfg.tokens * d * 4) if cfg.cache_activations else "none (streaming)",
+        "activation_cache_on_disk": "at most " + _gib(cfg.tokens * d * 4)
+        if cfg.cache_activations
+        else "none (streaming)",
         "output_folder": str(layer_dir(cfg.save_dir, run_meta(cfg))),
     }
 
@@ -234,40 +244,54 @@ def plan(cfg: DemoConfig) -> dict:
 def activations(cfg: DemoConfig, args, model, train_texts, steps: int, out_dir: Path):
     """The iterator of [sae_batch_size, d] training batches: a streaming buffer, or an activation
     cache harvested once (or given with --from-cache) and re-read for as many epochs as needed."""
+    from dictionary_learning import distributed
     from dictionary_learning.buffer import ActivationBuffer
     from dictionary_learning.cache import ActivationCache, write_cache
 
+    ctx = distributed.context()  # under torchrun each rank yields its share of every global batch
+    batch = ctx.local_batch_size(cfg.sae_batch_size)
     n_ctxs = max(2, cfg.buffer_tokens // cfg.ctx_len)
-    common = dict(ctx_len=cfg.ctx_len, n_ctxs=n_ctxs, refresh_batch_size=cfg.lm_batch_size, seed=cfg.seed)
+    common = dict(
+        ctx_len=cfg.ctx_len,
+        n_ctxs=n_ctxs,
+        refresh_batch_size=cfg.lm_batch_size,
+        seed=cfg.seed,
+        exclude_first_k=cfg.exclude_first_k,
+    )
     if not (cfg.cache_activations or args.from_cache):
         buf = ActivationBuffer(
             train_texts,
             model,
             cfg.layer,
             cfg.site,
-            out_batch_size=cfg.sae_batch_size,
+            out_batch_size=batch,
             epochs=cfg.max_epochs,
             **common,
         )
         return buf, buf.config
     cache_dir = args.from_cache or out_dir / "activation_cache"
+    if ctx.distributed and not args.from_cache:  # each rank harvests its text shard into its own cache
+        cache_dir = cache_dir / f"rank{ctx.rank}-of-{ctx.world_size}"
+    else:
+        batch = cfg.sae_batch_size  # one cache read with the global batch; RankSlice below
     if not args.from_cache and not (Path(cache_dir) / "manifest.json").exists():
         buf = ActivationBuffer(
             train_texts, model, cfg.layer, cfg.site, out_batch_size=8192, epochs=1, **common
         )
         t0 = time.time()
-        m = write_cache(buf, cache_dir, n_tokens=cfg.tokens, meta=run_meta(cfg, buf.config))
+        m = write_cache(buf, cache_dir, n_tokens=cfg.tokens // ctx.world_size, meta=run_meta(cfg, buf.config))
         log.info("harvested %d tokens into %s in %.0f s", m["n_tokens"], cache_dir, time.time() - t0)
-    cache = ActivationCache(cache_dir, batch_size=cfg.sae_batch_size, seed=cfg.seed, epochs=1)
-    epochs = math.ceil(steps * cfg.sae_batch_size / cache.n_tokens)
+    cache = ActivationCache(cache_dir, batch_size=batch, seed=cfg.seed, epochs=1)
+    epochs = int(ctx.max(math.ceil(steps * batch / cache.n_tokens)))  # the ranks agree
     if epochs > cfg.max_epochs:
         raise UsageError(
             f"not enough tokens: {cache.n_tokens} training tokens, the budget of {steps} steps needs "
             f"{epochs} epochs (max_epochs={cfg.max_epochs}); lower --tokens or --set max_epochs={epochs}"
         )
     log.info("activation cache: %d tokens, %d epoch(s) for %d steps", cache.n_tokens, epochs, steps)
-    cache = ActivationCache(cache_dir, batch_size=cfg.sae_batch_size, seed=cfg.seed, epochs=epochs)
-    return cache, {**cache.manifest.get("buffer", {}), "cache": str(cache_dir), "epochs": epochs}
+    cache = ActivationCache(cache_dir, batch_size=batch, seed=cfg.seed, epochs=epochs)
+    data = distributed.RankSlice(cache) if ctx.distributed and args.from_cache else cache
+    return data, {**cache.manifest.get("buffer", {}), "cache": str(cache_dir), "epochs": epochs}
 
 
 def evaluate_run(run_dir: Path, cfg: DemoConfig, args) -> list[dict]:
@@ -297,17 +321,23 @@ def print_summary(rows: list[dict]) -> None:
         )
 
 
-def run(cfg: DemoConfig, args) -> list[dict]:
+def run(cfg: DemoConfig, args) -> list[dict] | None:
     from dataset import load_texts
+    from dictionary_learning import distributed
     from dictionary_learning.training import layer_dir, trainSAE
     from dictionary_learning.utils import default_device, load_language_model, write_json
 
     cfg.device = cfg.device or default_device()
+    ctx = distributed.init(args.distributed_mode, device=cfg.device, timeout_s=args.dist_timeout)  # torchrun
+    cfg.device = ctx.pin_device(cfg.device)  # cuda -> cuda:{LOCAL_RANK}
+    if not ctx.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
     info = plan(cfg)
     steps = info["steps"]
     out_dir = layer_dir(cfg.save_dir, run_meta(cfg))
     t0 = time.time()
     train_texts = load_texts(cfg.dataset, "train", seed=cfg.seed, validation_fraction=cfg.validation_fraction)
+    train_texts = distributed.shard(train_texts)  # texts i with i % world_size == rank
     model = None
     if not args.from_cache:
         model = load_language_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -322,12 +352,15 @@ def run(cfg: DemoConfig, args) -> list[dict]:
         run_meta(cfg, buffer_cfg),
         log_every=log_every,
         checkpoint_every=max(log_every, min(1000, steps // 4)),
-        resume=args.resume,
+        resume=args.resume or distributed.restart_count() > 0,  # torchrun --max-restarts resumes
         overwrite=args.overwrite,
         use_wandb=args.wandb,
         progress=not args.quiet,
     )
     del model, data
+    distributed.shutdown()
+    if not ctx.is_main:  # rank 0 evaluates and pushes every trainer
+        return None
     log.info("training done in %.0f s", time.time() - t0)
     rows = evaluate_run(out_dir, cfg, args)
     write_json(out_dir / "demo_config.json", cfg.to_dict())
@@ -352,7 +385,9 @@ def main(argv=None) -> int:
         if args.eval_only:
             print_summary(evaluate_run(Path(args.eval_only), cfg, args))
             return 0
-        print_summary(run(cfg, args))
+        rows = run(cfg, args)
+        if rows is not None:
+            print_summary(rows)
         return 0
     except UsageError as e:
         print(f"demo.py: error: {e}", file=sys.stderr)

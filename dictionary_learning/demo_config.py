@@ -26,6 +26,10 @@ class DemoConfig:
     """Training token budget per trainer (steps = tokens // sae_batch_size)."""
     ctx_len: int = 128
     """Tokens per context window."""
+    exclude_first_k: int = 1
+    """Drop the first k positions of every context window from training and evaluation. Position 0 is
+    an attention sink with a huge norm (SmolLM2 layer 15: ~24,000 vs ~180 elsewhere) that would dominate
+    the norm estimate and the loss; where a window starts with BOS it is dropped anyway."""
     lm_batch_size: int = 32
     """Contexts per language-model forward pass."""
     sae_batch_size: int = 1024

@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import distributed
 from .buffer import DataExhausted
 from .hub import HubPushError, push_to_hub  # noqa: F401  (re-exported: training.push_to_hub)
 from .trainer import JumpReluTrainer, TrainerConfig, estimate_norm_factor
@@ -280,9 +281,11 @@ def _feature_density_hist(trainer, x: torch.Tensor, norm_factor: float):
     return wandb.Histogram(torch.log10(freq[freq > 0]).cpu().numpy()), float((freq == 0).float().mean())
 
 
-def _fail(run: _Run, step: int, why: str) -> None:
+def _fail(run: _Run, step: int, why: str, write: bool = True) -> None:
     """Stop one trainer after a non-finite loss; keep its last good checkpoint."""
     run.active = False
+    if not write:  # data-parallel rank > 0: rank 0 writes the same failure
+        return
     ck = run.ckpt_step
     msg = f"{run.trainer.name}: non-finite loss at step {step} ({why}); trainer stopped, " + (
         f"last good checkpoint: checkpoints/latest (step {ck})" if ck is not None else "no checkpoint yet"
@@ -394,12 +397,15 @@ def trainSAE(
     if resume and overwrite:
         raise ValueError("pass resume=True or overwrite=True, not both")
     base = layer_dir(save_dir, run_meta)
-    runs = [_Run(t, base / t.name) for t in (_make_trainer(c, steps) for c in trainer_configs)]
-    names = [r.dir.name for r in runs]
-    if not runs or len(set(names)) != len(names):
+    ctx = distributed.context()  # torchrun: data-parallel or sweep split (distributed.py); else one process
+    configs = [TrainerConfig.from_dict(c) if isinstance(c, dict) else c for c in trainer_configs]
+    names = [c.name for c in configs]
+    if not configs or len(set(names)) != len(names):
         raise ValueError(
             f"trainer names must be distinct and non-empty, got {names}; vary width/sparsity/lr/seed"
         )
+    runs = [_Run(ctx.prepare_trainer(_make_trainer(c, steps)), base / c.name) for c in ctx.share(configs)]
+    writes = ctx.writes_files  # data-parallel: rank 0 alone writes folders, logs, checkpoints, wandb
     n_avail = len(data) if hasattr(data, "__len__") else None  # batches, when the data object knows
     if n_avail is not None and n_avail < steps:
         raise ValueError(f"data holds {n_avail} batches but steps={steps}; lower steps or add data")
@@ -407,23 +413,27 @@ def trainSAE(
         steps=steps, log_every=log_every, checkpoint_every=checkpoint_every, norm_batches=norm_batches
     )
 
-    ckpts = _open_runs(runs, resume, overwrite)
-    if not any(r.active for r in runs):
-        return [str(r.dir) for r in runs if _status(r.dir).get("status") == "done"]
+    ckpts = ctx.open_runs(_open_runs, runs, resume, overwrite)
+    if not ctx.any(any(r.active for r in runs)):
+        return ctx.finish([str(r.dir) for r in runs if _status(r.dir).get("status") == "done"])
     stream, tokens = _Stream(data), 0
-    start = min(ckpts[i][2]["step"] if i in ckpts else 0 for i, r in enumerate(runs) if r.active)
+    here = [ckpts[i][2]["step"] if i in ckpts else 0 for i, r in enumerate(runs) if r.active]
+    start, point = ctx.resume_point(min(here, default=None), ckpts)  # least advanced trainer (all ranks)
     if start > 0:  # the stream goes back to the least advanced trainer's position; then the RNGs
-        _, _, loop0, data_state = min(ckpts.values(), key=lambda ck: ck[2]["step"])
-        stream.restore(data_state)
-        _set_rng_state(loop0["rng"])
-        tokens = loop0["tokens"]
+        stream.restore(point["data"])
+        _set_rng_state(point["rng"])
+        tokens = point["tokens"]
         log.info("resuming at step %d of %d (%d tokens done)", start, steps, tokens)
 
     # One norm factor for the sweep (Gemma Scope §3.1) from the first norm_batches, which are then trained on.
-    nf = next((ck[2]["norm_factor"] for ck in ckpts.values()), None)
-    if nf is None and norm_batches > 0 and any(r.trainer.cfg.norm_factor is None for r in runs if r.active):
+    nf = ctx.first(next((ck[2]["norm_factor"] for ck in ckpts.values()), None))
+    need = ctx.any(any(r.trainer.cfg.norm_factor is None for r in runs if r.active))
+    if nf is None and norm_batches > 0 and need:
         try:
-            nf = float(estimate_norm_factor(stream.prefetch(norm_batches)))
+            if ctx.distributed:  # pooled over the ranks' batches
+                nf = ctx.norm_factor(lambda: stream.prefetch(norm_batches))
+            else:
+                nf = float(estimate_norm_factor(stream.prefetch(norm_batches)))
         except (StopIteration, DataExhausted) as e:
             raise DataExhaustedError(
                 f"data ran out within the {norm_batches} norm-estimate batches {e}"
@@ -446,6 +456,8 @@ def trainSAE(
                 ) from None
             run.start = run.ckpt_step = loop["step"]
             run.acc, run.last, run.wandb_id = loop["acc"], loop["last"], loop["wandb_id"]
+        if not writes:
+            continue
         run.dir.mkdir(parents=True, exist_ok=True)
         _truncate_log(run.dir / LOG_FILE, run.start)
         write_json(run.dir / "config.json", run.cfg)
@@ -462,8 +474,9 @@ def trainSAE(
 
     def checkpoint(step: int) -> None:
         ds, rng = stream.state(), _rng_state()
+        ds = ctx.checkpoint_state(ds, rng)  # distributed: every rank's stream state and RNGs
         for r in runs:
-            if r.active and step >= r.start:
+            if r.active and step >= r.start and writes:
                 r.ckpt_step = step
                 loop = dict(step=step, tokens=tokens, norm_factor=r.cfg["norm_factor"], acc=r.acc, last=r.last,
                             rng=rng, wandb_id=r.wandb_id, trainer_config=r.trainer.config)  # fmt: skip
@@ -483,16 +496,20 @@ def trainSAE(
     hist_every = hist_every or 10 * log_every
     bar, t0, tokens0, step, exhausted = None, time.time(), tokens, start, None
     try:
-        while step < steps and stop["sig"] is None:
-            try:
-                x = next(stream)
+        while step < steps:
+            try:  # distributed: all ranks agree on stop / data exhausted; sweep mode: the global batch
+                got = ctx.next_batch(stream, stopping=stop["sig"] is not None)
             except (StopIteration, DataExhausted) as e:
                 exhausted = e
                 break
+            if got is None:  # a signal here or on another rank
+                stop["sig"] = stop["sig"] or signal.SIGTERM
+                break
+            x, n_tokens = got  # n_tokens: over all ranks
             if bar is None:
-                bar = tqdm(total=steps * x.shape[0], initial=tokens, unit="tok", unit_scale=True,
-                           disable=not progress, dynamic_ncols=True)  # fmt: skip
-            tokens += x.shape[0]
+                bar = tqdm(total=steps * n_tokens, initial=tokens, unit="tok", unit_scale=True,
+                           disable=not progress or not ctx.is_main, dynamic_ncols=True)  # fmt: skip
+            tokens += n_tokens
             on_device = {}
             for r in runs:
                 if r.active and step >= r.start:  # a trainer resumed from a later checkpoint waits
@@ -501,23 +518,24 @@ def trainSAE(
                         if not math.isfinite(float(out["loss"])):
                             raise FloatingPointError(f"loss is {out['loss']}")
                     except FloatingPointError as e:
-                        _fail(r, step, str(e))
+                        _fail(r, step, str(e), write=writes)
                         continue
-                    r.accumulate(out)
+                    if writes:
+                        r.accumulate(out)
             step += 1
-            bar.update(x.shape[0])
-            if not any(r.active for r in runs):
+            bar.update(n_tokens)
+            if not ctx.any(any(r.active for r in runs)):
                 raise RuntimeError(
                     f"every trainer failed (non-finite loss) by step {step}; see FAILED.json in {base}"
                 )
-            if step % log_every == 0 or step == steps:
+            if (step % log_every == 0 or step == steps) and writes:
                 post = _log_step(runs, step, tokens, x, hist=step % hist_every == 0)
                 rate = (tokens - tokens0) / max(time.time() - t0, 1e-9)
                 bar.set_postfix_str(f"{rate:,.0f} tok/s | " + " | ".join(post))
                 (log.debug if progress else log.info)(
                     "step %d/%d %.0f tok/s %s", step, steps, rate, " | ".join(post)
                 )
-            for r in runs if step in snaps else ():
+            for r in runs if step in snaps and writes else ():
                 if r.active and step > r.start:
                     write_dir_atomic(
                         r.dir / "checkpoints" / f"step_{step:08d}", lambda t, r=r: r.trainer.save(t, r.cfg)
@@ -529,7 +547,7 @@ def trainSAE(
             checkpoint(step)
             why = "data_exhausted" if exhausted is not None else "interrupted"
             for r in runs:
-                if r.active:
+                if r.active and writes:
                     write_json(r.dir / STATUS_FILE, {"status": why, "step": step, "tokens": tokens})
             if exhausted is not None:
                 raise DataExhaustedError(
@@ -543,7 +561,7 @@ def trainSAE(
             raise SystemExit(128 + sig.value)
 
         for r in runs:  # final SAEs: written beside, then moved in; status 'done' last
-            if r.active:
+            if r.active and writes:
                 tmp = r.dir / f".final.tmp-{os.getpid()}"
                 shutil.rmtree(tmp, ignore_errors=True)
                 r.trainer.save(tmp, extra_cfg={**r.cfg, "tokens": tokens})
@@ -551,7 +569,8 @@ def trainSAE(
                     os.replace(f, r.dir / f.name)
                 tmp.rmdir()
                 write_json(r.dir / STATUS_FILE, {**r.last, "status": "done", "step": steps, "tokens": tokens})
-        return [str(r.dir) for r in runs if _status(r.dir).get("status") == "done"]
+        done = ctx.finish([str(r.dir) for r in runs if writes and _status(r.dir).get("status") == "done"])
+        return sorted(done, key=lambda p: names.index(Path(p).name))  # sweep order
     finally:
         for s, h in prev.items():
             if signal.getsignal(s) is on_signal:

@@ -1,0 +1,169 @@
+"""Benchmark one JumpReluTrainer.update at L0 ~ 64 against a dense GEMM floor and dense autograd.
+
+    python benchmarks/bench_train.py --json            # prints ONE JSON object
+
+For each config (d, m, batch), fp32 on CPU:
+  step_ms        median time of trainer.update (sparse backward once L0 is low)
+  floor_ms       one dense [B, d] @ [d, m] GEMM, timed in the same process, interleaved with the steps
+  dense_ms       the same update with backward="dense" (plain autograd through the JumpReLU/Step
+                 functions), same process
+  peak_rss_mb    peak RSS of a fresh process that only builds the trainer and runs updates; also the
+                 RSS before the trainer exists (interpreter, torch, the input batch) and the theoretical
+                 minimum = params + grads + Adam state (2 × params) + one [B, m] fp32 tensor.
+The threshold of each latent is set to a quantile of its pre-activations on a sample batch so that
+L0 ~ 64 before timing (the init has W_enc = W_decᵀ, so a random init is otherwise dense).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+CONFIGS = [(576, 4608, 4096), (2304, 16384, 1024)]
+TARGET_L0 = 64
+
+
+def _rss_mb(field: str) -> float:
+    """VmRSS (current) or VmHWM (peak) of this process in MiB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _make(d: int, m: int, B: int, backward: str, seed: int = 0):
+    from dictionary_learning.trainer import JumpReluTrainer
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d, generator=g) / d**0.5  # E‖x‖² = 1
+    trainer = JumpReluTrainer(
+        activation_dim=d, dict_size=m, device="cpu", dtype="float32", steps=1_000_000,
+        warmup_steps=0, sparsity_warmup_steps=0, target_l0=TARGET_L0, backward=backward, seed=seed,
+    )  # fmt: skip
+    with torch.no_grad():  # L0 ~ 64: θ_j = the (1 − 64/m) quantile of latent j on a sample batch
+        sample = torch.randn(min(B, 1024), d, generator=g) / d**0.5
+        pre = trainer.ae.pre_activations(sample)
+        trainer.ae.threshold.copy_(torch.quantile(pre, 1 - TARGET_L0 / m, dim=0).clamp_min(0))
+        del pre
+    return trainer, x
+
+
+def _median_ms(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def worker_timing(d: int, m: int, B: int, reps: int) -> dict:
+    trainer, x = _make(d, m, B, "auto")
+    out = torch.empty(B, m)
+    W = trainer.ae.W_enc.detach()
+    step = [0]
+
+    def update():
+        r = trainer.update(step[0], x)
+        step[0] += 1
+        return r
+
+    for _ in range(2):  # warm-up
+        update()
+        torch.mm(x, W, out=out)
+    step_ts, floor_ts = [], []
+    for _ in range(reps):  # interleaved so both see the same machine load
+        floor_ts.append(_median_ms(lambda: torch.mm(x, W, out=out), 1))
+        step_ts.append(_median_ms(update, 1))
+    stats = update()
+    backward = trainer.last_backward
+    del trainer, out
+    dense, x = _make(d, m, B, "dense")
+    dense.update(0, x)
+    dense_ts = [_median_ms(lambda: dense.update(1, x), 1) for _ in range(max(3, reps // 2))]
+    step_ms, floor_ms, dense_ms = (statistics.median(v) for v in (step_ts, floor_ts, dense_ts))
+    return {
+        "step_ms": round(step_ms, 1),
+        "floor_ms": round(floor_ms, 1),
+        "dense_ms": round(dense_ms, 1),
+        "tokens_per_s": round(B / step_ms * 1e3),
+        "step_over_floor": round(step_ms / floor_ms, 3),
+        "dense_over_step": round(dense_ms / step_ms, 3),
+        "l0": round(stats["l0"], 2),
+        "backward": backward,
+        "step_ms_all": [round(t, 1) for t in step_ts],
+        "floor_ms_all": [round(t, 1) for t in floor_ts],
+    }
+
+
+def worker_rss(d: int, m: int, B: int, steps: int) -> dict:
+    g = torch.Generator().manual_seed(1)
+    _ = torch.randn(B, d, generator=g)  # the input batch exists before the trainer in real use
+    base = _rss_mb("VmRSS")
+    trainer, x = _make(d, m, B, "auto")
+    for s in range(steps):
+        trainer.update(s, x)
+    peak = _rss_mb("VmHWM")
+    n_params = sum(p.numel() for p in trainer.params.values())
+    minimum = (4 * n_params + B * m) * 4 / 2**20  # params + grads + exp_avg + exp_avg_sq, one [B, m]
+    return {
+        "peak_rss_mb": round(peak, 1),
+        "baseline_rss_mb": round(base, 1),
+        "net_peak_rss_mb": round(peak - base, 1),
+        "min_mb": round(minimum, 1),
+        "net_over_min": round((peak - base) / minimum, 3),
+        "backward": trainer.last_backward,
+    }
+
+
+def run_worker(kind: str, d: int, m: int, B: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--shape", f"{d},{m},{B}",
+           "--reps", str(args.reps), "--threads", str(args.threads)]  # fmt: skip
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"rc {r.returncode}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print one JSON object (default: also JSON)")
+    ap.add_argument("--reps", type=int, default=9, help="timed repetitions per config (median reported)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--configs", default=";".join(f"{d},{m},{b}" for d, m, b in CONFIGS),
+                    help="'d,m,batch;d,m,batch'")  # fmt: skip
+    ap.add_argument("--worker", choices=["timing", "rss"], help=argparse.SUPPRESS)
+    ap.add_argument("--shape", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        d, m, B = (int(v) for v in args.shape.split(","))
+        out = worker_timing(d, m, B, args.reps) if args.worker == "timing" else worker_rss(d, m, B, 4)
+        print(json.dumps(out))
+        return
+    results = {}
+    for spec in args.configs.split(";"):
+        d, m, B = (int(v) for v in spec.split(","))
+        res = {"d": d, "m": m, "batch": B, "dtype": "float32", "device": "cpu"}
+        res.update(run_worker("timing", d, m, B, args))
+        res.update(run_worker("rss", d, m, B, args))
+        results[f"d{d}_m{m}_b{B}"] = res
+    meta = {"threads": args.threads, "reps": args.reps, "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "load_avg": os.getloadavg()}  # fmt: skip
+    print(json.dumps({"configs": results, "meta": meta}))
+
+
+if __name__ == "__main__":
+    main()

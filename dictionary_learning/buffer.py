@@ -1,0 +1,699 @@
+"""Activation harvesting: hook points, text packing/padding, and the shuffled ActivationBuffer.
+
+Hook points are addressed by (layer, site) and named like SAELens/TransformerLens
+(`blocks.{L}.hook_{site}`):
+
+    resid_post  output of decoder layer L (the residual stream after the layer)
+    resid_pre   input of decoder layer L  (= resid_post of layer L-1)
+    mlp_out     what the MLP adds to the residual stream (Gemma-2: after post_feedforward_layernorm)
+
+Packing rule (pack=True, the default): every text is tokenized without special tokens
+and given ONE separator, then all texts are concatenated and cut into full ctx_len windows:
+  - tokenizers that add BOS themselves (Gemma, Llama-3):  [BOS] + text
+  - tokenizers that add no BOS (SmolLM2, GPT-2, Pythia):  text + [EOS]
+A text longer than a window continues in the next one; no compute is spent on padding
+(only the very last window of the data is right-padded). Windows do not start with BOS,
+so the first position of a window is often an attention sink: see `exclude_first_k`.
+BOS, EOS and PAD positions (by token id) are never yielded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from .utils import parse_dtype
+
+SITES = ("resid_post", "resid_pre", "mlp_out")
+
+
+# ---------------------------------------------------------------------------- hook points
+
+
+def hook_name(layer: int, site: str = "resid_post") -> str:
+    """(12, "resid_post") -> "blocks.12.hook_resid_post" (SAELens / TransformerLens naming)."""
+    _check_site(site)
+    return f"blocks.{int(layer)}.hook_{site}"
+
+
+def _check_site(site: str) -> None:
+    if site not in SITES:
+        raise ValueError(f"unknown site {site!r}; choose one of {SITES}")
+
+
+def get_layers(model) -> list:
+    """The decoder layers (nnsight envoys, or nn.Modules for a plain torch model), in order.
+
+    Knows the Llama/SmolLM2/Gemma-2/Mistral/Qwen tree (model.model.layers), GPT-2
+    (transformer.h) and Pythia/GPT-NeoX (gpt_neox.layers).
+    """
+    for path in (
+        ("model", "layers"),
+        ("transformer", "h"),
+        ("gpt_neox", "layers"),
+        ("model", "decoder", "layers"),
+    ):
+        obj = model
+        try:
+            for name in path:
+                obj = getattr(obj, name)
+        except AttributeError:
+            continue
+        return list(obj)
+    raise ValueError(
+        f"cannot find the decoder layers of {type(model).__name__}: known trees are "
+        "model.layers (Llama, Gemma-2), transformer.h (GPT-2), gpt_neox.layers (Pythia)"
+    )
+
+
+def get_hook_module(model, layer: int, site: str = "resid_post"):
+    """The envoy whose `.output` (resid_post, mlp_out) or `.input` (resid_pre) is the
+    [batch, seq, d] activation at (layer, site). Read/replace it with hook_value / set_hook_value."""
+    _check_site(site)
+    layers = get_layers(model)
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < len(layers):
+        raise ValueError(
+            f"layer {layer!r} out of range: the model has {len(layers)} layers (0..{len(layers) - 1})"
+        )
+    block = layers[layer]
+    if site != "mlp_out":
+        return block
+    # Gemma-2/3 normalise the MLP output before adding it to the residual stream.
+    for name in ("post_feedforward_layernorm", "mlp"):
+        try:
+            return getattr(block, name)
+        except AttributeError:
+            continue
+    raise ValueError(f"layer {layer} of {type(model).__name__} has no `mlp` module")
+
+
+def hook_value(envoy, site: str = "resid_post") -> torch.Tensor:
+    """Inside an nnsight trace: the [batch, seq, d] activation at `envoy` (from get_hook_module).
+
+    transformers 5 decoder layers return a plain tensor; older versions return a tuple
+    whose first element is the hidden state: both are handled.
+    """
+    value = envoy.input if site == "resid_pre" else envoy.output
+    return value[0] if isinstance(value, tuple) else value
+
+
+def set_hook_value(envoy, site: str, value: torch.Tensor) -> None:
+    """Inside an nnsight trace: replace the activation at `envoy` by `value` [batch, seq, d]."""
+    if site == "resid_pre":
+        envoy.input = value
+        return
+    out = envoy.output
+    envoy.output = (value, *out[1:]) if isinstance(out, tuple) else value
+
+
+def _hook_points(model, layers: list[int], site: str) -> list[tuple[str, object]]:
+    """[(hook_name, envoy)] sorted in execution order (nnsight reads values in order)."""
+    _check_site(site)
+    envoys = {L: get_hook_module(model, L, site) for L in layers}  # validates each layer
+    return [(hook_name(L, site), envoys[L]) for L in sorted(envoys)]
+
+
+# ---------------------------------------------------------------------------- tokenization
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front of a text itself (Gemma: yes; SmolLM2, GPT-2: no)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def special_ids(tokenizer) -> list[int]:
+    """The BOS/EOS/PAD token ids (never yielded as activations)."""
+    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    return sorted(i for i in ids if i is not None)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither a PAD nor an EOS token")
+    return pad
+
+
+def _check_text(text, index) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"record {index}: `text` is {type(text).__name__}, expected str")
+    return text
+
+
+def separated_ids(tokenizer, text: str, bos_first: bool | None = None) -> list[int]:
+    """Token ids of one text with its packing separator (see the module docstring); [] if empty."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    if not ids:
+        return []
+    bos_first = adds_bos(tokenizer) if bos_first is None else bos_first
+    if bos_first:
+        return [tokenizer.bos_token_id, *ids]
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} adds no BOS and has no EOS: cannot separate texts"
+        )
+    return [*ids, tokenizer.eos_token_id]
+
+
+def keep_mask_for(input_ids: torch.Tensor, tokenizer, attention_mask=None, exclude_first_k: int = 0):
+    """BoolTensor like input_ids [N, T]: False at BOS/EOS/PAD ids, masked-out positions and the
+    first `exclude_first_k` real positions of each row (counted from the first real token, so
+    it is right for either padding side)."""
+    keep = ~torch.isin(input_ids, torch.tensor(special_ids(tokenizer), device=input_ids.device))
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        keep &= real
+    else:
+        real = torch.ones_like(keep)
+    if exclude_first_k > 0:
+        keep &= real.long().cumsum(-1) > exclude_first_k
+    return keep
+
+
+def pack_texts(texts, tokenizer, ctx_len: int, exclude_first_k: int = 0, drop_last: bool = False):
+    """Pack texts into windows -> (input_ids LongTensor [N, ctx_len], keep_mask BoolTensor [N, ctx_len]).
+
+    Texts are separated by BOS/EOS (module docstring) and concatenated; a text longer than a
+    window continues in the next one. Empty texts are skipped. The last partial window is
+    right-padded with PAD (masked out of keep_mask; under causal attention right padding does
+    not change earlier positions) or dropped with drop_last=True.
+    """
+    if ctx_len < 1:
+        raise ValueError(f"ctx_len must be >= 1, got {ctx_len}")
+    bos_first = adds_bos(tokenizer)
+    flat: list[int] = []
+    for i, text in enumerate(texts):
+        flat.extend(separated_ids(tokenizer, _check_text(text, i), bos_first))
+    n_full, rest = divmod(len(flat), ctx_len)
+    if rest and not drop_last:
+        flat.extend([_pad_id(tokenizer)] * (ctx_len - rest))
+        n_full += 1
+    ids = torch.tensor(flat[: n_full * ctx_len], dtype=torch.long).view(n_full, ctx_len)
+    keep = keep_mask_for(ids, tokenizer, exclude_first_k=exclude_first_k)
+    if rest and not drop_last:
+        keep[-1, rest:] = False  # the padding tail, even if PAD is not a special id
+    return ids, keep
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """position_ids [N, T] for a padded batch: each row counts from its first real token, so a
+    left-padded text gets the same positions as unpadded (pad positions get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def pad_texts(texts, tokenizer, ctx_len: int, padding_side: str = "left", exclude_first_k: int = 0):
+    """One row per text -> (input_ids [N, T], attention_mask [N, T], keep_mask [N, T]), T = the
+    longest text (<= ctx_len) in tokens.
+
+    Each text is tokenized with the tokenizer's own special tokens (BOS for Gemma), truncated to
+    ctx_len tokens and padded on `padding_side`. Left padding needs position_ids(attention_mask)
+    in the forward pass. Empty texts are an error (a row of pure padding has no meaning).
+    """
+    if ctx_len < 1:
+        raise ValueError(f"ctx_len must be >= 1, got {ctx_len}")
+    texts = [_check_text(t, i) for i, t in enumerate(texts)]
+    rows = tokenizer(texts)["input_ids"] if texts else []
+    for i, ids in enumerate(rows):
+        if not texts[i] or not ids:
+            raise ValueError(f"record {i}: empty text")
+    return _collate([r[:ctx_len] for r in rows], tokenizer, padding_side, exclude_first_k)
+
+
+def _collate(rows: list[list[int]], tokenizer, padding_side: str, exclude_first_k: int = 0):
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    width = max((len(r) for r in rows), default=0)
+    pad = _pad_id(tokenizer)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
+        ids[i, sl] = torch.tensor(r, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask, keep_mask_for(ids, tokenizer, mask, exclude_first_k)
+
+
+# ---------------------------------------------------------------------------- text stream
+
+
+class DataExhausted(RuntimeError):
+    """The data ran out (after `epochs` passes). Carries the counts at that point."""
+
+    def __init__(
+        self, tokens_yielded: int, texts_consumed: int | None, epochs: int | None, where: str = "buffer"
+    ):
+        self.tokens_yielded, self.texts_consumed, self.epochs = tokens_yielded, texts_consumed, epochs
+        texts = "" if texts_consumed is None else f" from {texts_consumed} texts"
+        super().__init__(
+            f"{where}: data exhausted after {epochs} epoch(s): {tokens_yielded} tokens yielded"
+            f"{texts}; use more data or a larger `epochs` (None = repeat forever)"
+        )
+
+
+class TextSource:
+    """Restartable text access: a datasets.Dataset with a `text` column, a list of strings, a
+    .jsonl (field `text`) / .txt (one text per line) path, or a one-shot iterable of strings
+    (which cannot be re-streamed: no epochs > 1, no load_state_dict)."""
+
+    def __init__(self, data):
+        self.data, self.kind, self._pos = data, None, 0
+        if isinstance(data, (str, Path)):
+            self.data = Path(data)
+            if self.data.suffix not in (".jsonl", ".txt") or not self.data.is_file():
+                raise ValueError(
+                    f"{data}: not a .jsonl or .txt file (use dataset.load_texts for other sources)"
+                )
+            self.kind = "file"
+        elif isinstance(data, (list, tuple)):
+            self.kind = "list"
+        elif hasattr(data, "column_names") and hasattr(data, "__len__"):
+            if "text" not in data.column_names:
+                raise ValueError(f"dataset has no `text` column (columns: {data.column_names})")
+            self.kind = "dataset"
+        elif hasattr(data, "__iter__"):
+            self.kind, self.data = "iter", iter(data)
+        else:
+            raise ValueError(
+                f"unsupported data of type {type(data).__name__}: pass a Dataset, list, path or iterable"
+            )
+
+    def iter_from(self, start: int):
+        """Yield (index, text) from record `start` on."""
+        if self.kind == "list":
+            yield from ((i, self.data[i]) for i in range(start, len(self.data)))
+        elif self.kind == "dataset":
+            for lo in range(start, len(self.data), 256):
+                yield from enumerate(self.data[lo : lo + 256]["text"], start=lo)
+        elif self.kind == "file":
+            with open(self.data, encoding="utf-8") as f:
+                for i, line in enumerate(f):
+                    if i >= start:
+                        yield i, self._parse(line, i)
+        else:
+            if start != self._pos:
+                raise ValueError(
+                    "cannot re-stream a one-shot iterator (epochs > 1 or load_state_dict): "
+                    "pass a list, a Dataset or a file path"
+                )
+            for text in self.data:  # rows of an IterableDataset are dicts
+                self._pos += 1
+                yield self._pos - 1, text.get("text") if isinstance(text, dict) else text
+
+    def _parse(self, line: str, i: int):
+        if self.data.suffix == ".txt":
+            return line.rstrip("\n")
+        if not line.strip():
+            return ""
+        try:
+            return json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{self.data}:{i + 1}: not a JSON object with a `text` field ({e})") from None
+
+
+class _TokenStream:
+    """Turns texts into model-input batches (packed windows or padded texts), tracking a
+    position that can be saved and restored exactly: (epoch, text index, token offset)."""
+
+    def __init__(self, source: TextSource, tokenizer, cfg: BufferConfig):
+        self.source, self.tok, self.cfg = source, tokenizer, cfg
+        self.bos_first = adds_bos(tokenizer)
+        self.restore(
+            dict(
+                epoch=0,
+                text=0,
+                offset=0,
+                texts_consumed=0,
+                texts_skipped=0,
+                texts_truncated=0,
+                tokens_truncated=0,
+                contexts=0,
+            )
+        )
+
+    def state(self) -> dict:
+        return dict(self.st)
+
+    def restore(self, st: dict) -> None:
+        self.st, self._it, self._cur = dict(st), None, None
+        self.ended = self.cfg.epochs is not None and st["epoch"] >= self.cfg.epochs
+        self._epoch_tokens = 1 if st["text"] or st["offset"] else 0  # resumed mid-epoch: data is not empty
+
+    def _next_ids(self) -> list[int] | None:
+        """Token ids of the next non-empty text (packed: with separator; padded: truncated),
+        or None at the end of the last epoch. Skipped empty texts are counted."""
+        while True:
+            if self._it is None:
+                self._it = self.source.iter_from(self.st["text"])
+            item = next(self._it, None)
+            if item is None:
+                if self._epoch_tokens == 0:
+                    raise ValueError("no usable text in the data (all records empty?)")
+                self.st.update(epoch=self.st["epoch"] + 1, text=0, offset=0)
+                self._it, self._epoch_tokens = None, 0
+                if self.cfg.epochs is not None and self.st["epoch"] >= self.cfg.epochs:
+                    self.ended = True
+                    return None
+                continue
+            i, text = item
+            if self.cfg.pack:
+                ids = separated_ids(self.tok, _check_text(text, i), self.bos_first)
+            else:
+                ids = self.tok(_check_text(text, i))["input_ids"] if text else []
+                if len(ids) > self.cfg.ctx_len:
+                    self.st["texts_truncated"] += 1
+                    self.st["tokens_truncated"] += len(ids) - self.cfg.ctx_len
+                ids = ids[: self.cfg.ctx_len]
+            if not ids:
+                self.st.update(
+                    text=i + 1,
+                    texts_skipped=self.st["texts_skipped"] + 1,
+                    texts_consumed=self.st["texts_consumed"] + 1,
+                )
+                continue
+            self._epoch_tokens += len(ids)
+            return ids
+
+    def _take(self, n: int) -> list[int]:
+        """Up to n tokens of the current text (advancing the position)."""
+        if self._cur is None:
+            self._cur = self._next_ids()
+            if self._cur is None:
+                return []
+        off = self.st["offset"]
+        out = self._cur[off : off + n]
+        if off + len(out) >= len(self._cur):
+            self._cur = None
+            self.st.update(text=self.st["text"] + 1, offset=0, texts_consumed=self.st["texts_consumed"] + 1)
+        else:
+            self.st["offset"] = off + len(out)
+        return out
+
+    def next_batch(self, n: int):
+        """Up to n contexts -> (input_ids [b, T], attention_mask [b, T] | None, keep [b, T],
+        positions [b, T] (counted from each row's first real token), first context number),
+        or None when the data has ended."""
+        cfg, rows = self.cfg, []
+        while len(rows) < n and not self.ended:
+            if cfg.pack:
+                row = []
+                while len(row) < cfg.ctx_len and not self.ended:
+                    row += self._take(cfg.ctx_len - len(row))
+            else:
+                row = self._take(cfg.ctx_len)
+            if row:
+                rows.append(row)
+        if not rows:
+            return None
+        first = self.st["contexts"]
+        self.st["contexts"] += len(rows)
+        if not cfg.pack:
+            ids, mask, keep = _collate(rows, self.tok, cfg.padding_side, cfg.exclude_first_k)
+            return ids, mask, keep, position_ids(mask), first
+        real = torch.tensor([len(r) for r in rows])
+        ids = torch.full((len(rows), cfg.ctx_len), _pad_id(self.tok), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        keep = keep_mask_for(ids, self.tok, exclude_first_k=cfg.exclude_first_k)
+        keep &= torch.arange(cfg.ctx_len) < real[:, None]  # right-padded tail of the last window
+        return ids, None, keep, torch.arange(cfg.ctx_len).expand_as(ids), first
+
+
+# ---------------------------------------------------------------------------- buffer
+
+
+@dataclass
+class BufferConfig:
+    ctx_len: int = 128
+    """Tokens per context (window when packing, truncation length when padding)."""
+    n_ctxs: int = 256
+    """Capacity in contexts: each refill harvests n_ctxs // 2 contexts (~n_ctxs * ctx_len / 2 tokens)."""
+    refresh_batch_size: int = 16
+    """Contexts per language-model forward pass."""
+    out_batch_size: int = 4096
+    """Activation vectors per yielded batch (the last batch of the data may be smaller)."""
+    pack: bool = True
+    """Pack texts into full windows (module docstring); False: one padded row per text."""
+    padding_side: str = "left"
+    """Padding side when pack=False (either is handled exactly)."""
+    exclude_first_k: int = 0
+    """Also drop the first k real positions of every context (attention sinks)."""
+    dtype: str = "float32"
+    """Storage / yield dtype (float32, bfloat16, float16)."""
+    device: str = "cpu"
+    """Storage / yield device."""
+    epochs: int | None = 1
+    """Passes over the data before DataExhausted; None repeats forever."""
+    seed: int = 0
+    """Seed of the buffer's own shuffling generator."""
+    return_index: bool = False
+    """Yield (x, index) with index [B, 2] = (context number, position in context) per vector."""
+
+
+def seeded_generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of ints, e.g. (seed, round, kind). Hashed, because
+    torch's CPU generator only uses the low 32 bits of a seed."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+class ActivationBuffer:
+    """Stream texts through `model` (nnsight TransformersModel) and yield shuffled activations.
+
+    Yields [out_batch_size, d] tensors (a dict {hook_name: [B, d]} when `layer` is a list,
+    harvested in one forward pass that stops after the deepest layer). Raises DataExhausted
+    after `epochs` passes.
+
+    Shuffling (exactly resumable): refill c harvests n_ctxs // 2 contexts, keeps their real
+    tokens and splits them at random into halves A_c, B_c. Round r yields B_{r-1} + A_r in a
+    random order, so every batch mixes tokens of ~n_ctxs contexts from two refills, and each
+    token is yielded exactly once per epoch. Permutations come from generators seeded with
+    (seed, round), so the state is small: the stream position before refill r-1, the round,
+    and the rows consumed in it; load_state_dict re-harvests refills r-1 and r.
+    """
+
+    def __init__(
+        self,
+        data,
+        model,
+        layer: int | list[int],
+        site: str = "resid_post",
+        config: BufferConfig | None = None,
+        **kwargs,
+    ):
+        cfg = config or BufferConfig()
+        unknown = set(kwargs) - {f.name for f in fields(BufferConfig)}
+        if unknown:
+            raise ValueError(f"unknown buffer option(s) {sorted(unknown)}")
+        self.cfg = cfg = BufferConfig(**{**asdict(cfg), **kwargs})
+        if cfg.ctx_len < 1 or cfg.n_ctxs < 2 or cfg.refresh_batch_size < 1 or cfg.out_batch_size < 1:
+            raise ValueError("ctx_len, refresh_batch_size, out_batch_size must be >= 1 and n_ctxs >= 2")
+        if not 0 <= cfg.exclude_first_k < cfg.ctx_len:
+            raise ValueError(f"exclude_first_k must be in [0, ctx_len), got {cfg.exclude_first_k}")
+        if cfg.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {cfg.padding_side!r}")
+        if cfg.epochs is not None and cfg.epochs < 1:
+            raise ValueError(f"epochs must be >= 1 or None, got {cfg.epochs}")
+        self.dtype = parse_dtype(cfg.dtype)
+        self.model, self.site = model, site
+        self.multi = isinstance(layer, (list, tuple))
+        self.points = _hook_points(model, list(layer) if self.multi else [layer], site)  # validates them
+        self.layers = sorted(set(layer)) if self.multi else [layer]
+        self.hooks = [name for name, _ in self.points]
+        self.d_submodule = int(model.config.hidden_size)
+        self.stream = _TokenStream(TextSource(data), model.tokenizer, cfg)
+        self.tokens_yielded, self.batches_yielded = 0, 0
+        self._round, self._pos, self._pool, self._B, self._perm = -1, 0, None, None, None
+        self._snaps = [None, None]  # stream position before refill r-1 and before refill r
+
+    # -- counters
+    @property
+    def texts_consumed(self) -> int:
+        """Texts read from the data so far (including those still in the buffer and skipped ones)."""
+        return self.stream.st["texts_consumed"]
+
+    @property
+    def epoch(self) -> int:
+        return self.stream.st["epoch"]
+
+    @property
+    def counters(self) -> dict:
+        return {
+            "tokens_yielded": self.tokens_yielded,
+            "batches_yielded": self.batches_yielded,
+            **{k: v for k, v in self.stream.st.items() if k not in ("text", "offset")},
+        }
+
+    @property
+    def config(self) -> dict:
+        name = getattr(getattr(self.model, "config", None), "name_or_path", None)
+        return {
+            **asdict(self.cfg),
+            "model": name,
+            "layer": self.layers if self.multi else self.layers[0],
+            "site": self.site,
+            "hook": self.hooks if self.multi else self.hooks[0],
+            "d": self.d_submodule,
+        }
+
+    # -- harvesting
+    def _forward(self, ids, mask, pos):
+        """One LM batch -> [[b, T, d] per hook], stopping after the deepest hooked layer."""
+        dev = self.model.device
+        inputs = {"input_ids": ids.to(dev), "use_cache": False}  # no KV cache: ~3% faster
+        if mask is not None:  # padded: left padding needs mask-derived positions
+            inputs["attention_mask"] = mask.to(dev)
+            inputs["position_ids"] = pos.to(dev)
+        saved = []
+        with torch.inference_mode(), self.model.trace(**inputs) as tracer:
+            for _, envoy in self.points:
+                saved.append(hook_value(envoy, self.site).save())
+            tracer.stop()
+        return saved
+
+    def _harvest(self) -> list[torch.Tensor]:
+        """Refill: n_ctxs // 2 contexts -> [per hook [n, d]] (+ index [n, 2] if return_index)."""
+        cfg, n_ctx = self.cfg, self.cfg.n_ctxs // 2
+        cap = n_ctx * cfg.ctx_len
+        pin = self.model.device.type == "cuda" and torch.device(cfg.device).type == "cpu"
+        out = [
+            torch.empty(cap, self.d_submodule, dtype=self.dtype, device=cfg.device, pin_memory=pin)
+            for _ in self.points
+        ]
+        index, n, done = [], 0, 0
+        while done < n_ctx or n == 0:  # (a refill whose contexts had no kept token takes more)
+            batch = self.stream.next_batch(min(cfg.refresh_batch_size, max(n_ctx - done, 1)))
+            if batch is None:
+                break
+            ids, mask, keep, pos, first = batch
+            done += ids.shape[0]
+            acts = self._forward(ids, mask, pos)
+            k = int(keep.sum())
+            keep_dev = keep.to(acts[0].device)
+            for o, a in zip(out, acts):
+                o[n : n + k].copy_(a[keep_dev], non_blocking=pin)
+            if cfg.return_index:
+                index.append(torch.stack([keep.nonzero()[:, 0] + first, pos[keep]], 1))
+            n += k
+        if pin:
+            torch.cuda.synchronize()
+        out = [o[:n] for o in out]
+        if cfg.return_index:
+            out.append(torch.cat(index).to(cfg.device) if index else torch.empty(0, 2, dtype=torch.long))
+        return out
+
+    def _next_round(self) -> bool:
+        """Harvest refill r+1 and build the pool B_r + A_{r+1}; False when nothing is left.
+
+        Peak memory ~1.5x the capacity: B_r, the new refill and the new pool; batches are
+        gathered from the pool through the round's permutation (one copy per batch)."""
+        r = self._round + 1
+        self._snaps = [self._snaps[1], self.stream.state()]
+        self._pool = None  # consumed: free it before harvesting
+        chunk = self._harvest() if not self.stream.ended else None
+        B_prev, self._B = self._B, None
+        n_prev = len(B_prev[0]) if B_prev is not None else 0
+        if chunk is not None and len(chunk[0]):
+            split = torch.randperm(len(chunk[0]), generator=seeded_generator(self.cfg.seed, r, 0))
+            split = split.to(chunk[0].device)
+            A, B = split[: len(split) // 2], split[len(split) // 2 :]
+            pool = []
+            for i, t in enumerate(chunk):
+                p = torch.empty((n_prev + len(A), *t.shape[1:]), dtype=t.dtype, device=t.device)
+                if n_prev:
+                    p[:n_prev] = B_prev[i]
+                torch.index_select(t, 0, A, out=p[n_prev:])
+                pool.append(p)
+            self._B = [t[B] for t in chunk]
+            del chunk
+        else:
+            pool = B_prev
+        self._round, self._pos = r, 0
+        if pool is None or not len(pool[0]):
+            return False
+        self._pool = pool
+        self._perm = torch.randperm(len(pool[0]), generator=seeded_generator(self.cfg.seed, r, 1)).to(
+            pool[0].device
+        )
+        return True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        parts, need = [], self.cfg.out_batch_size
+        while need > 0:
+            if self._pool is None or self._pos >= len(self._pool[0]):
+                if not self._next_round():
+                    break
+            take = min(need, len(self._pool[0]) - self._pos)
+            idx = self._perm[self._pos : self._pos + take]
+            parts.append([t.index_select(0, idx) for t in self._pool])
+            self._pos += take
+            need -= take
+        if not parts:
+            raise DataExhausted(self.tokens_yielded, self.texts_consumed, self.cfg.epochs)
+        cols = [p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts)]
+        self.tokens_yielded += len(cols[0])
+        self.batches_yielded += 1
+        x = dict(zip(self.hooks, cols)) if self.multi else cols[0]
+        return (x, cols[-1]) if self.cfg.return_index else x
+
+    # -- exact resume
+    _STATE_KEYS = (
+        "ctx_len",
+        "n_ctxs",
+        "refresh_batch_size",
+        "pack",
+        "padding_side",
+        "exclude_first_k",
+        "seed",
+    )
+
+    def state_dict(self) -> dict:
+        """JSON-able state for exact resume (see the class docstring)."""
+        return {
+            "version": 1,
+            "round": self._round,
+            "pos": self._pos,
+            "snaps": self._snaps,
+            "hooks": self.hooks,
+            "tokens_yielded": self.tokens_yielded,
+            "batches_yielded": self.batches_yielded,
+            "stream": self.stream.state(),
+            **{k: getattr(self.cfg, k) for k in self._STATE_KEYS},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where `state` was taken (same data and config required)."""
+        for k in ("hooks", *self._STATE_KEYS):
+            mine = self.hooks if k == "hooks" else getattr(self.cfg, k)
+            if state.get(k) != mine:
+                raise ValueError(f"buffer state: {k}={state.get(k)!r} does not match this buffer's {mine!r}")
+        self.tokens_yielded, self.batches_yielded = state["tokens_yielded"], state["batches_yielded"]
+        r, (snap_prev, snap_cur) = state["round"], state["snaps"]
+        self._round, self._pos, self._pool, self._B, self._snaps = -1, 0, None, None, [None, None]
+        if r < 0:
+            self.stream.restore(state["stream"])
+            return
+        if snap_prev is not None:  # rebuild B_{r-1} by re-harvesting refill r-1
+            self.stream.restore(snap_prev)
+            self._round = r - 2
+            self._next_round()
+            if self.stream.state() != snap_cur:
+                raise ValueError(
+                    "buffer state: re-harvest did not reach the saved stream position (data changed?)"
+                )
+        else:
+            self.stream.restore(snap_cur)
+            self._round = r - 1
+        self._next_round()
+        self._pos = state["pos"]
+        if self.stream.state() != state["stream"]:
+            raise ValueError(
+                "buffer state: re-harvest did not reach the saved stream position (data changed?)"
+            )

@@ -1,0 +1,454 @@
+"""JumpReLU SAE trainer: loss, schedules, optimiser, normalisation, resumable state.
+
+Recipe (Rajamanoharan et al. 2024, arXiv 2407.14435; Gemma Scope, arXiv 2408.05147):
+  * activations divided by a fixed scalar so that E‖x‖² = 1 (Gemma Scope §3.1), folded into the
+    weights on save so the saved SAE takes raw activations;
+  * L = ‖x − x̂‖² (summed over d, mean over batch) + sparsity (λ·L0, or λ·(L0/target − 1)²),
+    λ warmed up linearly from 0;
+  * Adam(β1=0, β2=0.999, eps=1e-8), lr 7e-5 with linear warm-up, constant, linear decay over the
+    final (1 − decay_start) of the steps; gradient-norm clipping; θ clamped >= 0 after each step;
+    optional unit-norm decoder rows (gradient component parallel to each row removed).
+The backward pass is sparse (see jumprelu.sparse_grads) once few latents fire, dense autograd before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from dictionary_learning.dictionary import TENSOR_NAMES, JumpReluAutoEncoder
+from dictionary_learning.jumprelu import (
+    SPARSITY_MODES,
+    reconstruction_loss,
+    sparse_grads,
+    sparsity_loss,
+    step,
+    jumprelu,
+)
+from dictionary_learning.utils import default_device, dtype_name, parse_dtype
+
+BACKWARDS = ("auto", "dense", "sparse")
+STATE_FORMAT = 1
+
+
+@dataclass
+class TrainerConfig:
+    activation_dim: int
+    """Width d of the activations."""
+    dict_size: int
+    """Number of latents m."""
+    lr: float = 7e-5
+    """Peak Adam learning rate (Rajamanoharan et al. 2024)."""
+    sparsity_mode: str = "target_l0"
+    """'l0': λ·L0 (paper); 'target_l0': λ·(L0/target_l0 − 1)² (dictionary_learning)."""
+    sparsity_coeff: float = 1.0
+    """λ after warm-up."""
+    target_l0: float | None = 64.0
+    """Target L0 for sparsity_mode='target_l0'."""
+    bandwidth: float = 0.001
+    """ε of the rectangle-kernel pseudo-derivatives (paper: 0.001 on E‖x‖²=1 data)."""
+    threshold_init: float = 0.001
+    """Initial θ for every latent."""
+    steps: int = 10_000
+    """Total steps (sets the LR decay)."""
+    warmup_steps: int = 1000
+    """Linear LR warm-up steps."""
+    sparsity_warmup_steps: int = 5000
+    """Linear warm-up of λ from 0."""
+    decay_start: float | None = 0.8
+    """LR decays linearly to 0 from this fraction of `steps` on; None: no decay."""
+    max_grad_norm: float | None = 1.0
+    """Gradient-norm clip over all parameters; None: no clipping."""
+    adam_betas: tuple[float, float] = (0.0, 0.999)
+    adam_eps: float = 1e-8
+    seed: int = 0
+    """Seeds the trainer's own torch.Generator for the init."""
+    device: str | None = None
+    """None: cuda if available, else cpu."""
+    dtype: str = "float32"
+    """Dtype of W_enc, W_dec, b_enc, b_dec (threshold is always fp32)."""
+    norm_factor: float | None = None
+    """x is divided by this inside update (sqrt(E‖x‖²)); None: no scaling until set_norm_factor."""
+    unit_norm_decoder: bool = True
+    """Keep W_dec rows unit norm (parallel gradient removed, rows renormalised after each step)."""
+    dead_feature_threshold: int = 10_000_000
+    """A latent is dead after this many tokens without firing."""
+    backward: str = "auto"
+    """'dense' autograd, 'sparse' (active latents only), or 'auto' (sparse when density is low)."""
+    sparse_max_density: float = 0.05
+    """'auto' uses the sparse backward when the fraction of (token, latent) pairs near or above θ
+    is below this."""
+    extra: dict = field(default_factory=dict)
+    """Free-form JSON metadata carried into config.json."""
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"TrainerConfig.{name}: {why}, got {getattr(self, name)!r}")
+
+        for n in ("activation_dim", "dict_size", "steps"):
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(n, "must be an integer >= 1")
+        for n in ("warmup_steps", "sparsity_warmup_steps", "dead_feature_threshold", "seed"):
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                bad(n, "must be an integer >= 0")
+        for n in ("lr", "bandwidth", "adam_eps"):
+            if not (isinstance(getattr(self, n), (int, float)) and getattr(self, n) > 0):
+                bad(n, "must be > 0")
+        if not self.threshold_init >= 0:
+            bad("threshold_init", "must be >= 0")
+        if not self.sparsity_coeff >= 0:
+            bad("sparsity_coeff", "must be >= 0")
+        if self.sparsity_mode not in SPARSITY_MODES:
+            bad("sparsity_mode", f"must be one of {SPARSITY_MODES}")
+        if self.sparsity_mode == "target_l0" and not (self.target_l0 is not None and self.target_l0 > 0):
+            bad("target_l0", "must be > 0 when sparsity_mode='target_l0'")
+        if self.decay_start is not None and not 0 <= self.decay_start <= 1:
+            bad("decay_start", "must be a fraction in [0, 1] or None")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            bad("max_grad_norm", "must be > 0 or None")
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            bad("adam_betas", "must be two numbers in [0, 1)")
+        if self.norm_factor is not None and not (math.isfinite(self.norm_factor) and self.norm_factor > 0):
+            bad("norm_factor", "must be a finite number > 0 or None")
+        if self.backward not in BACKWARDS:
+            bad("backward", f"must be one of {BACKWARDS}")
+        if not 0 <= self.sparse_max_density <= 1:
+            bad("sparse_max_density", "must be in [0, 1]")
+        self.dtype = dtype_name(parse_dtype(self.dtype))
+        self.device = str(self.device or default_device())
+
+    @property
+    def name(self) -> str:
+        """Run-folder name: width, sparsity setting, lr, seed (e.g. jumprelu_w4608_tl0-64_lr7e-05_s0)."""
+        if self.sparsity_mode == "target_l0":
+            sp = f"tl0-{self.target_l0:g}"
+        else:
+            sp = f"l0c-{self.sparsity_coeff:g}"
+        return f"jumprelu_w{self.dict_size}_{sp}_lr{self.lr:g}_s{self.seed}"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainerConfig:
+        """Inverse of to_dict; also accepts trainer.config (ignores its derived keys)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        derived = {"name", "architecture", "trainer"}
+        unknown = set(d) - known - derived
+        if unknown:
+            raise ValueError(f"TrainerConfig: unknown field(s) {sorted(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def estimate_norm_factor(batches: Iterable[torch.Tensor]) -> float:
+    """sqrt(E‖x‖²) over the rows of the batches ([B, d] each); divide by it to get E‖x‖² = 1."""
+    total, n = 0.0, 0
+    for i, x in enumerate(batches):
+        x = x.reshape(-1, x.shape[-1]).double()
+        if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():  # one cheap pass first
+            raise ValueError(f"estimate_norm_factor: batch {i} contains NaN or inf")
+        total += x.pow(2).sum().item()
+        n += x.shape[0]
+    if n == 0:
+        raise ValueError("estimate_norm_factor: no batches given")
+    if not total > 0:
+        raise ValueError("estimate_norm_factor: all activations are zero")
+    return math.sqrt(total / n)
+
+
+class JumpReluTrainer:
+    """Trains one JumpReluAutoEncoder. `update(step, x)` does one optimiser step on a [B, d] batch."""
+
+    def __init__(self, config: TrainerConfig | dict | None = None, **kwargs):
+        if config is None:
+            config = TrainerConfig(**kwargs)
+        elif isinstance(config, dict):
+            config = TrainerConfig.from_dict({**config, **kwargs})
+        elif kwargs:
+            config = dataclasses.replace(config, **kwargs)
+        self.cfg = config
+        c = config
+        self.device = torch.device(c.device)
+        self.generator = torch.Generator().manual_seed(c.seed)  # init only; CPU so seeds match anywhere
+        self.ae = JumpReluAutoEncoder(
+            c.activation_dim, c.dict_size, device=c.device, dtype=c.dtype,
+            threshold_init=c.threshold_init, generator=self.generator,
+        )  # fmt: skip
+        self.params = {n: getattr(self.ae, n) for n in TENSOR_NAMES}
+        self.optimizer = make_adam(list(self.params.values()), c)
+        self.step = 0  # steps done
+        self.tokens_seen = 0
+        self.tokens_since_fired = torch.zeros(c.dict_size, dtype=torch.int64, device=self.device)
+        self.last_backward = None  # "dense" or "sparse", for logs and tests
+        self._pre_buf = self._mask_buf = None  # [B, m] work buffers of the sparse path
+
+    # ------------------------------------------------------------------ config
+
+    @property
+    def config(self) -> dict:
+        """Complete JSON-serialisable config (a fresh dict: change settings through .cfg)."""
+        return {**self.cfg.to_dict(), "name": self.cfg.name, "architecture": "jumprelu",
+                "trainer": type(self).__name__}  # fmt: skip
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    def set_norm_factor(self, f: float) -> None:
+        """x is divided by f inside update (f = sqrt(E‖x‖²), see estimate_norm_factor)."""
+        f = float(f)
+        if not (math.isfinite(f) and f > 0):
+            raise ValueError(f"set_norm_factor: factor must be a finite number > 0, got {f}")
+        self.cfg.norm_factor = f
+
+    # ------------------------------------------------------------------ schedules
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up over warmup_steps, constant, then linear decay to 0 over the final
+        (1 − decay_start) of the steps."""
+        c = self.cfg
+        f = 1.0
+        if step < c.warmup_steps:
+            f = (step + 1) / c.warmup_steps
+        if c.decay_start is not None:
+            start = int(c.decay_start * c.steps)
+            if step >= start and c.steps > start:
+                f = min(f, max(0.0, (c.steps - step) / (c.steps - start)))
+        return f
+
+    def sparsity_factor(self, step: int) -> float:
+        """λ multiplier: linear from 0 over sparsity_warmup_steps (Rajamanoharan et al. 2024)."""
+        s = self.cfg.sparsity_warmup_steps
+        return 1.0 if s == 0 else min(1.0, step / s)
+
+    def sparsity_penalty(self, l0: torch.Tensor, coeff: float) -> torch.Tensor:
+        """Sparsity loss of the batch-mean L0 (scalar tensor). distributed.DataParallelTrainer
+        overrides it to take the L0 of the global batch."""
+        return sparsity_loss(l0, self.cfg.sparsity_mode, coeff, self.cfg.target_l0)
+
+    # ------------------------------------------------------------------ training step
+
+    def _prepare(self, step: int, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"update step {step}: x must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim < 2 or x.shape[-1] != self.cfg.activation_dim:
+            raise ValueError(
+                f"update step {step}: x has shape {tuple(x.shape)}, expected [batch, {self.cfg.activation_dim}]"
+            )
+        x = x.reshape(-1, x.shape[-1])
+        if x.shape[0] == 0:
+            raise ValueError(f"update step {step}: empty batch")
+        if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():  # one cheap pass first
+            raise FloatingPointError(f"update step {step}: input batch contains NaN or inf")
+        x = x.to(self.device, parse_dtype(self.cfg.dtype))
+        if self.cfg.norm_factor is not None:
+            x = x / self.cfg.norm_factor
+        return x
+
+    def compute_grads(self, x: torch.Tensor, coeff: float, backward: str | None = None) -> dict:
+        """Set .grad of every parameter for the loss on the normalised batch x [B, d]; return stats
+        (tensors: loss, mse, sparsity_loss, l0, x_hat [B, d], fired [m] bool). `backward`
+        ('auto' | 'dense' | 'sparse') overrides cfg.backward."""
+        c, ae = self.cfg, self.ae
+        kind = backward or c.backward
+        if kind not in BACKWARDS:
+            raise ValueError(f"backward must be one of {BACKWARDS}, got {kind!r}")
+        for p in self.params.values():
+            p.grad = None  # free last step's gradients before making new ones
+        sparse = kind == "sparse" or (kind == "auto" and c.dtype == "float32")
+        with torch.no_grad():
+            B, m = x.shape[0], c.dict_size
+            if self._pre_buf is None or self._pre_buf.shape[0] != B:  # reused: fresh [B, m] tensors
+                self._pre_buf = self._mask_buf = None  # cost page faults every step
+                self._pre_buf = torch.empty(B, m, dtype=x.dtype, device=x.device)
+                if sparse:
+                    self._mask_buf = torch.empty(B, m, dtype=torch.bool, device=x.device)
+            xW = torch.mm(x, ae.W_enc, out=self._pre_buf)  # the one dense GEMM; b_enc added later
+        if sparse:
+            out = sparse_grads(
+                x, xW, ae.b_enc, ae.W_dec, ae.b_dec, ae.threshold, c.bandwidth,
+                lambda l0: self.sparsity_penalty(l0, coeff),
+                max_density=None if kind == "sparse" else c.sparse_max_density,
+                mask_buffer=self._mask_buf,
+            )  # fmt: skip
+            if out is not None:
+                grads, stats = out
+                for n, g in grads.items():
+                    self.params[n].grad = g
+                self.last_backward = "sparse"
+                return stats._asdict()
+        with torch.no_grad():
+            pre = xW.add_(ae.b_enc)  # [B, m]
+        return self._dense_grads(x, pre, coeff)
+
+    def _dense_grads(self, x: torch.Tensor, pre: torch.Tensor, coeff: float) -> dict:
+        """Plain autograd through the JumpReLU and Step functions, from the pre-activations on."""
+        c, ae = self.cfg, self.ae
+        pre = pre.detach().requires_grad_(True)
+        f = jumprelu(pre, ae.threshold, c.bandwidth)
+        x_hat = f @ ae.W_dec + ae.b_dec
+        mse = reconstruction_loss(x, x_hat)
+        l0 = step(pre, ae.threshold, c.bandwidth).sum(-1).mean()  # Step on pre-activations (bug #55)
+        sp = self.sparsity_penalty(l0, coeff)
+        loss = mse + sp
+        loss.backward()
+        with torch.no_grad():
+            ae.W_enc.grad = (pre.grad.T @ x).T  # = xᵀ·∂L/∂pre, in W_enc's (latent-major) layout
+            ae.b_enc.grad = pre.grad.sum(0)
+            fired = (pre > ae.threshold).any(0)
+        self.last_backward = "dense"
+        return dict(loss=loss.detach(), mse=mse.detach(), sparsity_loss=sp.detach(), l0=l0.detach(),
+                    x_hat=x_hat.detach(), fired=fired)  # fmt: skip
+
+    def update(self, step: int, x: torch.Tensor) -> dict:
+        """One optimiser step on raw activations x [B, d] (divided by norm_factor here). Returns floats:
+        loss, mse, sparsity_loss, l0, frac_variance_explained, lr, sparsity_coeff, dead_latents."""
+        c, ae = self.cfg, self.ae
+        x = self._prepare(step, x)
+        lr = c.lr * self.lr_factor(step)
+        coeff = c.sparsity_coeff * self.sparsity_factor(step)
+        s = self.compute_grads(x, coeff)
+        loss = float(s["loss"])
+        if not math.isfinite(loss):
+            for p in self.params.values():
+                p.grad = None
+            raise FloatingPointError(f"update step {step}: loss is {loss} (mse {float(s['mse'])}); "
+                                     "no update applied")  # fmt: skip
+        with torch.no_grad():
+            for p in self.params.values():  # the fused Adam kernel needs grads laid out like params
+                if p.grad.stride() != p.stride():
+                    p.grad = torch.empty_like(p).copy_(p.grad)
+            if c.unit_norm_decoder:  # remove the gradient component parallel to each decoder row
+                g = ae.W_dec.grad
+                g.addcmul_(torch.linalg.vecdot(g, ae.W_dec).unsqueeze(1), ae.W_dec, value=-1.0)
+            if c.max_grad_norm is not None:  # = clip_grad_norm_, minus the no-op ×1 pass when not clipping
+                params = list(self.params.values())
+                total = torch.nn.utils.get_total_norm([p.grad for p in params])
+                if total > c.max_grad_norm:
+                    torch.nn.utils.clip_grads_with_norm_(params, c.max_grad_norm, total)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            ae.threshold.clamp_(min=0.0)  # so encode = z·1[z > θ] is the same in training and inference
+            if c.unit_norm_decoder:
+                ae.W_dec.div_(torch.linalg.vector_norm(ae.W_dec, dim=1, keepdim=True))
+            n = x.shape[0]
+            self.tokens_since_fired.add_(n).masked_fill_(s["fired"], 0)
+            self.tokens_seen += n
+            self.step = step + 1
+            fve = _frac_variance_explained(x, s["x_hat"], s["mse"])
+            dead = (self.tokens_since_fired >= c.dead_feature_threshold).float().mean()
+        return {
+            "loss": loss,
+            "mse": float(s["mse"]),
+            "sparsity_loss": float(s["sparsity_loss"]),
+            "l0": float(s["l0"]),
+            "frac_variance_explained": float(fve),
+            "lr": lr,
+            "sparsity_coeff": coeff,
+            "dead_latents": float(dead),
+        }
+
+    # ------------------------------------------------------------------ saving and state
+
+    def folded_ae(self) -> JumpReluAutoEncoder:
+        """A copy of the SAE with the norm factor folded in (Gemma Scope §3.1): b_enc, b_dec and θ
+        multiplied by it, W_enc and W_dec shared unchanged, so it takes raw activations."""
+        f = self.cfg.norm_factor or 1.0
+        ae = self.ae
+        out = JumpReluAutoEncoder(ae.activation_dim, ae.dict_size, device=self.device,
+                                  dtype=ae.W_enc.dtype, init=False)  # fmt: skip
+        with torch.no_grad():
+            out.W_enc.data = ae.W_enc.detach()
+            out.W_dec.data = ae.W_dec.detach()
+            out.b_enc.copy_(ae.b_enc * f)
+            out.b_dec.copy_(ae.b_dec * f)
+            out.threshold.copy_(ae.threshold * f)
+        return out
+
+    def save(self, path_dir, extra_cfg: dict | None = None):
+        """Save the SAE (norm factor folded in) with config.json (trainer config + extra_cfg) and cfg.json."""
+        cfg = {**self.config, **(extra_cfg or {}), "norm_factor_folded": True, "step": self.step}
+        return self.folded_ae().save(path_dir, cfg)
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, meta) for exact resume. Tensors (safetensors-ready, sharing memory with the live
+        trainer: save them before the next update): model, Adam state, dead-latent counters, RNG.
+        meta (JSON): step, tokens seen, config."""
+        tensors: dict[str, torch.Tensor] = {}
+        for n, p in self.params.items():
+            tensors[f"ae.{n}"] = p.detach().contiguous()  # (W_enc and its Adam state: a copy)
+            st = self.optimizer.state.get(p, {})
+            for k, v in st.items():
+                tensors[f"optim.{n}.{k}"] = v.detach().reshape(-1) if v.ndim == 0 else v.detach().contiguous()
+        tensors["tokens_since_fired"] = self.tokens_since_fired
+        tensors["rng.generator"] = self.generator.get_state()
+        meta = {"format": STATE_FORMAT, "step": self.step, "tokens_seen": self.tokens_seen,
+                "config": self.config, "last_backward": self.last_backward}  # fmt: skip
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Restore a state_dict(); the config must match except device and norm_factor (restored)."""
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"trainer state: unknown format {meta.get('format')!r} (want {STATE_FORMAT})")
+        saved = TrainerConfig.from_dict(meta["config"]).to_dict()
+        mine = self.cfg.to_dict()
+        diff = [k for k in mine if k not in ("device", "norm_factor") and saved[k] != mine[k]]
+        if diff:
+            raise ValueError("trainer state: config differs from this trainer's in "
+                             + ", ".join(f"{k} (saved {saved[k]!r}, here {mine[k]!r})" for k in diff))  # fmt: skip
+        for n in TENSOR_NAMES:
+            if f"ae.{n}" not in tensors:
+                raise ValueError(f"trainer state: tensor 'ae.{n}' missing")
+        opt_state = self.optimizer.state_dict()
+        with torch.no_grad():
+            for i, (n, p) in enumerate(self.params.items()):
+                t = tensors[f"ae.{n}"]
+                if t.shape != p.shape:
+                    raise ValueError(f"trainer state: tensor 'ae.{n}' has shape {tuple(t.shape)}, "
+                                     f"expected {tuple(p.shape)}")  # fmt: skip
+                p.copy_(t)
+                st = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
+                if st:
+                    if "step" in st:
+                        st["step"] = st["step"].reshape(()).clone()
+                    opt_state["state"][i] = {
+                        k: v.clone() if v.shape != p.shape else torch.empty_like(p).copy_(v) for k, v in st.items()
+                    }  # Adam state in the parameter's layout
+            self.optimizer.load_state_dict(opt_state)
+            self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
+        self.generator.set_state(tensors["rng.generator"].clone())
+        self.cfg.norm_factor = saved["norm_factor"]
+        self.step = int(meta["step"])
+        self.tokens_seen = int(meta["tokens_seen"])
+
+
+def _frac_variance_explained(x: torch.Tensor, x_hat: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
+    """1 − Σ_d Var(x − x̂) / Σ_d Var(x), pooled over the batch, from mse = E‖x − x̂‖².
+    x, x̂ [B, d] -> scalar. Uses Σ_d Var(v) = E‖v‖² − ‖E v‖²."""
+    B = x.shape[0]
+    x = x.float()
+    mean_err = x_hat.float().mean(0) - x.mean(0)
+    var_err = mse - mean_err.dot(mean_err)
+    mean_x = x.mean(0)
+    var_x = x.reshape(-1).dot(x.reshape(-1)) / B - mean_x.dot(mean_x)
+    return 1 - var_err / var_x.clamp_min(1e-30)
+
+
+def make_adam(params: list[torch.Tensor], c: TrainerConfig) -> torch.optim.Adam:
+    """torch.optim.Adam with the config's betas and eps: the fused kernel where this torch build has
+    it (several times faster on CPU; same update as the for-loop Adam up to the last bit), else foreach."""
+    kw = dict(lr=c.lr, betas=c.adam_betas, eps=c.adam_eps)
+    try:
+        return torch.optim.Adam(params, fused=True, **kw)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, foreach=True, **kw)

@@ -1,0 +1,396 @@
+"""JumpReluTrainer: config, schedules, sparse == dense gradients, Adam, folding, exact resume, bad
+input, and recovery of known features from synthetic superposition data."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dictionary_learning.dictionary import JumpReluAutoEncoder
+from dictionary_learning.trainer import JumpReluTrainer, TrainerConfig, estimate_norm_factor
+
+# Small-problem settings. The paper's ε = θ₀ = 0.001 and lr 7e-5 are tuned for d = 2304 and
+# billions of tokens; on a d = 16-32 toy with ~4 features of size ~1 per token, θ would barely move
+# in a few hundred steps, so these tests use lr 3e-3, ε = 0.1, θ₀ = 0.2.
+SMALL = dict(lr=3e-3, bandwidth=0.1, threshold_init=0.2, device="cpu")
+
+
+def superposition(d, n_features, p_active, noise=0.01, seed=0):
+    """n_features random unit directions in d dims; each token turns each feature on with
+    probability p_active, magnitude U[0.5, 1.5]; plus Gaussian noise. Returns (V [N, d], sample)."""
+    g = torch.Generator().manual_seed(seed)
+    V = torch.randn(n_features, d, generator=g)
+    V /= V.norm(dim=1, keepdim=True)
+
+    def sample(batch):
+        on = torch.rand(batch, n_features, generator=g) < p_active
+        codes = on * (torch.rand(batch, n_features, generator=g) + 0.5)
+        return codes @ V + noise * torch.randn(batch, d, generator=g), on.sum(1).float()
+
+    return V, sample
+
+
+def randomise(trainer, seed=0, quantile=0.9, window_frac=0.05):
+    """Give a trainer a non-trivial state: random biases, θ at a per-latent quantile of the
+    pre-activations of a batch x, and some (token, latent) pairs inside the kernel window.
+    Returns x [B, d]."""
+    c, ae = trainer.cfg, trainer.ae
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(96, c.activation_dim, generator=g) / c.activation_dim**0.5
+    with torch.no_grad():
+        ae.b_enc.copy_(torch.randn(c.dict_size, generator=g) * 0.05)
+        ae.b_dec.copy_(torch.randn(c.activation_dim, generator=g) * 0.05)
+        pre = ae.pre_activations(x)
+        ae.threshold.copy_(torch.quantile(pre, quantile, dim=0).clamp_min(0) + 1e-4)
+        # nudge some latents so a token sits at θ ± ε/4 (inside the window, both sides)
+        n = max(1, int(window_frac * c.dict_size))
+        shift = torch.where(torch.arange(n) % 2 == 0, 0.25, -0.25) * c.bandwidth
+        ae.threshold[:n] = pre[0, :n] - shift
+        ae.threshold.clamp_(min=0)
+    return x
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_config_validation():
+    for bad in (dict(dict_size=0), dict(dict_size=-3), dict(activation_dim=0)):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            TrainerConfig(**{"activation_dim": 8, "dict_size": 16, **bad})
+    for bw in (0.0, -1e-3):
+        with pytest.raises(ValueError, match="bandwidth"):
+            TrainerConfig(8, 16, bandwidth=bw)
+    with pytest.raises(ValueError, match="sparsity_mode"):
+        TrainerConfig(8, 16, sparsity_mode="l1")
+    with pytest.raises(ValueError, match="target_l0"):
+        TrainerConfig(8, 16, sparsity_mode="target_l0", target_l0=None)
+    with pytest.raises(ValueError, match="decay_start"):
+        TrainerConfig(8, 16, decay_start=1.5)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        TrainerConfig(8, 16, dtype="float13")
+    with pytest.raises(ValueError, match="unknown field"):
+        TrainerConfig.from_dict({"activation_dim": 8, "dict_size": 16, "lr_typo": 1})
+
+
+def test_name_encodes_width_sparsity_lr_seed():
+    assert TrainerConfig(576, 4608, target_l0=64).name == "jumprelu_w4608_tl0-64_lr7e-05_s0"
+    assert TrainerConfig(576, 4608, sparsity_mode="l0", sparsity_coeff=0.5, lr=1e-4, seed=3).name == (
+        "jumprelu_w4608_l0c-0.5_lr0.0001_s3"
+    )
+
+
+def test_config_complete_and_json_round_trip():
+    t = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", seed=5, steps=123)
+    t.set_norm_factor(2.5)
+    cfg = json.loads(json.dumps(t.config))
+    for key in ("lr", "sparsity_mode", "sparsity_coeff", "target_l0", "bandwidth", "threshold_init", "steps",
+                "warmup_steps", "sparsity_warmup_steps", "decay_start", "max_grad_norm", "adam_betas",
+                "adam_eps", "seed", "dtype", "device", "unit_norm_decoder", "dead_feature_threshold"):  # fmt: skip
+        assert key in cfg, key
+    assert cfg["norm_factor"] == 2.5 and cfg["seed"] == 5 and cfg["name"] == t.name
+    assert TrainerConfig.from_dict(cfg) == t.cfg
+    assert JumpReluTrainer(cfg).config == t.config
+
+
+def test_schedules():
+    t = JumpReluTrainer(activation_dim=4, dict_size=8, device="cpu", steps=100, warmup_steps=10,
+                        decay_start=0.8, sparsity_warmup_steps=20)  # fmt: skip
+    # linear LR warm-up over 10 steps, constant, linear decay over the last 20% (steps 80..99)
+    expected = {0: 0.1, 4: 0.5, 9: 1.0, 50: 1.0, 80: 1.0, 90: 0.5, 99: 0.05}
+    for step, f in expected.items():
+        assert t.lr_factor(step) == pytest.approx(f), step
+    for step, f in {0: 0.0, 5: 0.25, 20: 1.0, 500: 1.0}.items():
+        assert t.sparsity_factor(step) == pytest.approx(f), step
+    out = t.update(5, torch.randn(16, 4))
+    assert out["lr"] == pytest.approx(7e-5 * 0.6) and out["sparsity_coeff"] == pytest.approx(0.25)
+
+
+# ---------------------------------------------------------------------------- gradients, optimiser
+
+
+@pytest.mark.parametrize("mode", ["l0", "target_l0"])
+@pytest.mark.parametrize("quantile", [0.5, 0.9, 0.99])
+def test_sparse_and_dense_gradients_agree(mode, quantile):
+    t = JumpReluTrainer(activation_dim=24, dict_size=80, device="cpu", sparsity_mode=mode, target_l0=3,
+                        bandwidth=0.02, sparsity_coeff=0.7, seed=1)  # fmt: skip
+    x = randomise(t, seed=2, quantile=quantile)
+    grads, stats = {}, {}
+    for kind in ("dense", "sparse"):
+        stats[kind] = t.compute_grads(x, coeff=0.7, backward=kind)
+        assert t.last_backward == kind
+        grads[kind] = {n: p.grad.clone() for n, p in t.params.items()}
+    assert grads["dense"]["threshold"].abs().sum() > 0  # the window is populated
+    for n, gd in grads["dense"].items():
+        gs = grads["sparse"][n]
+        assert gs.shape == gd.shape
+        assert (gs - gd).norm() <= 1e-5 * gd.norm() + 1e-12, n
+    for k in ("loss", "mse", "sparsity_loss", "l0"):
+        assert float(stats["sparse"][k]) == pytest.approx(float(stats["dense"][k]), rel=1e-5), k
+    assert torch.equal(stats["sparse"]["fired"], stats["dense"]["fired"])
+
+
+def test_auto_picks_dense_when_dense_and_sparse_when_sparse():
+    t = JumpReluTrainer(activation_dim=16, dict_size=64, device="cpu", sparse_max_density=0.1)
+    x = randomise(t, quantile=0.5)
+    t.compute_grads(x, 1.0)
+    assert t.last_backward == "dense"
+    x = randomise(t, quantile=0.99, window_frac=0.0)
+    t.compute_grads(x, 1.0)
+    assert t.last_backward == "sparse"
+
+
+def test_optimizer_step_is_dense_adam():
+    """Latents that don't fire get zero gradient: with β1 = 0 their parameters must not move while
+    exp_avg_sq still decays by β2, exactly as dense torch.optim.Adam does (no lazy/sparse Adam)."""
+    t = JumpReluTrainer(activation_dim=16, dict_size=32, device="cpu", unit_norm_decoder=False,
+                        max_grad_norm=None, warmup_steps=0, lr=1e-3, backward="sparse")  # fmt: skip
+    x = randomise(t, quantile=0.9, window_frac=0.0)
+    t.update(0, x)  # every Adam state entry now non-zero somewhere
+    with torch.no_grad():
+        t.ae.threshold[:8] = 1e6  # latents 0..7 never fire now
+    params0 = {n: p.detach().clone() for n, p in t.params.items()}
+    v0 = t.optimizer.state[t.ae.W_enc]["exp_avg_sq"].clone()
+    t.compute_grads(x, coeff=t.cfg.sparsity_coeff * t.sparsity_factor(1))
+    assert t.last_backward == "sparse"
+    grads = {n: p.grad.clone() for n, p in t.params.items()}
+    assert not grads["W_enc"][:, :8].any() and grads["W_enc"][:, 8:].any()
+    state0 = copy.deepcopy(t.optimizer.state_dict())  # (load_state_dict would share the tensors)
+    fused = t.optimizer.defaults.get("fused")
+    refs = {}
+    for impl in ("same", "for-loop"):  # a separate dense torch.optim.Adam on copies of the params
+        ref = {n: torch.nn.Parameter(p.clone()) for n, p in params0.items()}
+        kw = dict(fused=fused) if impl == "same" else dict(foreach=False)
+        opt = torch.optim.Adam(list(ref.values()), lr=1e-3, betas=(0.0, 0.999), eps=1e-8, **kw)
+        st = copy.deepcopy(state0)
+        st["param_groups"][0].update(fused=kw.get("fused"), foreach=kw.get("foreach"))
+        opt.load_state_dict(st)
+        for n, p in ref.items():
+            p.grad = grads[n]
+        opt.step()
+        refs[impl] = ref
+    t.update(1, x)
+    for n, p in t.params.items():
+        assert torch.equal(p.detach(), refs["same"][n].detach()), n  # bitwise
+        torch.testing.assert_close(p.detach(), refs["for-loop"][n].detach(), rtol=1e-6, atol=1e-7)
+    assert torch.equal(t.ae.W_enc[:, :8], params0["W_enc"][:, :8])  # zero-gradient rows stay put
+    v1 = t.optimizer.state[t.ae.W_enc]["exp_avg_sq"]
+    torch.testing.assert_close(v1[:, :8], 0.999 * v0[:, :8], rtol=1e-6, atol=0)  # ... and decay
+    assert v1[:, :8].min() > 0
+
+
+def test_threshold_never_negative():
+    # no sparsity pressure, big lr: the reconstruction term pushes θ down into the clamp
+    t = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", sparsity_coeff=0.0, lr=0.05,
+                        bandwidth=0.2, threshold_init=0.01, warmup_steps=0)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    hit_zero = False
+    for s in range(30):
+        t.update(s, torch.randn(32, 8, generator=g))
+        assert t.ae.threshold.min() >= 0
+        hit_zero |= bool((t.ae.threshold == 0).any())
+    assert hit_zero  # the clamp was needed
+
+
+def test_same_seed_same_weights():
+    a = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", seed=7)
+    b = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", seed=7)
+    c = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", seed=8)
+    torch.manual_seed(123)  # the global RNG must not matter
+    d = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", seed=7)
+    for n in a.params:
+        assert torch.equal(a.params[n], b.params[n]) and torch.equal(a.params[n], d.params[n])
+    assert not torch.equal(a.ae.W_dec, c.ae.W_dec)
+
+
+# ---------------------------------------------------------------------------- sparsity control
+
+
+def _train_l0(steps=400, **kw):
+    _, sample = superposition(16, 32, 4 / 32)
+    t = JumpReluTrainer(activation_dim=16, dict_size=32, steps=steps, warmup_steps=20,
+                        sparsity_warmup_steps=100, **SMALL, **kw)  # fmt: skip
+    t.set_norm_factor(estimate_norm_factor([sample(1024)[0]]))
+    l0 = []
+    for s in range(steps):
+        l0.append(t.update(s, sample(128)[0])["l0"])
+    return sum(l0[-50:]) / 50
+
+
+def test_l0_falls_as_coefficient_rises():
+    l0 = [_train_l0(sparsity_mode="l0", sparsity_coeff=c) for c in (0.003, 0.03, 0.3)]
+    assert l0[0] > l0[1] > l0[2], l0
+
+
+@pytest.mark.parametrize("target", [2, 8])
+def test_target_l0_tracked(target):
+    l0 = _train_l0(sparsity_mode="target_l0", target_l0=target, sparsity_coeff=1.0)
+    assert abs(l0 - target) <= 0.3 * target, l0
+
+
+def test_recovers_ground_truth_features():
+    """64 directions in 32 dims, ~4 active per token. Mean over true directions of the best cosine
+    with a decoder row >= 0.9, and L0 within ±30% of the true active count."""
+    V, sample = superposition(32, 64, 4 / 64)
+    steps = 3000
+    t = JumpReluTrainer(activation_dim=32, dict_size=128, sparsity_mode="l0", sparsity_coeff=0.03,
+                        steps=steps, warmup_steps=150, sparsity_warmup_steps=600, **SMALL)  # fmt: skip
+    t.set_norm_factor(estimate_norm_factor([sample(1024)[0] for _ in range(4)]))
+    for s in range(steps):
+        t.update(s, sample(256)[0])
+    W = t.ae.W_dec.detach()
+    mmcs = (V @ (W / W.norm(dim=1, keepdim=True)).T).max(1).values
+    assert mmcs.mean() >= 0.9, mmcs
+    x, n_true = sample(4096)
+    l0 = (t.folded_ae().encode(x) > 0).float().sum(1).mean()
+    assert abs(l0 - n_true.mean()) <= 0.3 * n_true.mean(), (float(l0), float(n_true.mean()))
+
+
+# ---------------------------------------------------------------------------- normalisation
+
+
+def test_estimate_norm_factor():
+    x = torch.randn(50, 6)
+    x = 2.0 * x / x.norm(dim=1, keepdim=True)  # every row has norm 2
+    assert estimate_norm_factor([x[:20], x[20:]]) == pytest.approx(2.0, rel=1e-6)
+    with pytest.raises(ValueError, match="no batches"):
+        estimate_norm_factor([])
+    with pytest.raises(ValueError, match="batch 1 contains NaN"):
+        estimate_norm_factor([x, torch.full((2, 6), float("nan"))])
+    with pytest.raises(ValueError, match="finite number > 0"):
+        JumpReluTrainer(activation_dim=6, dict_size=8, device="cpu").set_norm_factor(0.0)
+
+
+def test_update_divides_by_norm_factor():
+    a = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", backward="dense")
+    b = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", backward="dense")
+    b.set_norm_factor(4.0)
+    x = torch.randn(32, 8)
+    assert a.update(0, x)["mse"] == pytest.approx(b.update(0, 4.0 * x)["mse"], rel=1e-5)
+
+
+def test_folded_sae_takes_raw_activations(tmp_path):
+    f = 3.7
+    t = JumpReluTrainer(activation_dim=12, dict_size=40, device="cpu", norm_factor=f)
+    randomise(t, quantile=0.8)
+    x = torch.randn(64, 12) * f
+    folded = t.folded_ae()
+    assert torch.equal(folded.W_enc, t.ae.W_enc) and torch.equal(folded.W_dec, t.ae.W_dec)
+    f_norm = t.ae.encode(x / f)
+    assert torch.equal(folded.encode(x) > 0, f_norm > 0)
+    torch.testing.assert_close(folded.encode(x), f * f_norm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(folded(x), f * t.ae(x / f), rtol=1e-5, atol=1e-5)
+    live = {n: p.detach().clone() for n, p in t.params.items()}
+    t.save(tmp_path, {"model_name": "toy"})
+    loaded = JumpReluAutoEncoder.from_pretrained(tmp_path)
+    assert torch.equal(loaded(x), folded(x))
+    assert loaded.cfg["norm_factor"] == f and loaded.cfg["norm_factor_folded"] is True
+    assert loaded.cfg["model_name"] == "toy"
+    for n, p in t.params.items():  # the live (normalised) SAE is untouched
+        assert torch.equal(p, live[n]), n
+
+
+# ---------------------------------------------------------------------------- state, resume
+
+
+def _batches(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(48, d, generator=g) * 2.0 for _ in range(n)]
+
+
+@pytest.mark.parametrize("backward", ["auto", "dense"])
+def test_exact_resume(tmp_path, backward):
+    kw = dict(activation_dim=10, dict_size=24, steps=40, warmup_steps=5, sparsity_warmup_steps=10,
+              dead_feature_threshold=100, backward=backward, sparse_max_density=0.3, **SMALL)  # fmt: skip
+    batches = _batches(40, 10, seed=0)
+    full = JumpReluTrainer(**kw)
+    full.set_norm_factor(estimate_norm_factor(batches[:4]))
+    used = []
+    for s, x in enumerate(batches):
+        full.update(s, x)
+        used.append(full.last_backward)
+    assert set(used) == ({"dense", "sparse"} if backward == "auto" else {"dense"})  # crosses over
+    part = JumpReluTrainer(**kw)
+    part.set_norm_factor(estimate_norm_factor(batches[:4]))
+    for s, x in enumerate(batches[:17]):
+        part.update(s, x)
+    tensors, meta = part.state_dict()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "state.safetensors"))
+    (tmp_path / "state.json").write_text(json.dumps(meta))
+    resumed = JumpReluTrainer(**kw)  # no norm factor yet: comes from the state
+    resumed.load_state_dict(load_file(str(tmp_path / "state.safetensors")),
+                            json.loads((tmp_path / "state.json").read_text()))  # fmt: skip
+    assert resumed.step == 17 and resumed.cfg.norm_factor == part.cfg.norm_factor
+    for s, x in enumerate(batches[17:], start=17):
+        resumed.update(s, x)
+    for n in full.params:
+        assert torch.equal(full.params[n], resumed.params[n]), n
+        for k, v in full.optimizer.state[full.params[n]].items():
+            assert torch.equal(v, resumed.optimizer.state[resumed.params[n]][k]), (n, k)
+    assert torch.equal(full.tokens_since_fired, resumed.tokens_since_fired)
+    assert full.tokens_seen == resumed.tokens_seen and full.step == resumed.step == 40
+
+
+def test_load_state_rejects_other_config():
+    a = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", lr=1e-3)
+    b = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", lr=2e-3)
+    with pytest.raises(ValueError, match="lr"):
+        b.load_state_dict(*a.state_dict())
+
+
+def test_dead_latent_counters():
+    t = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", dead_feature_threshold=100,
+                        lr=1e-6, warmup_steps=0)  # fmt: skip
+    with torch.no_grad():
+        t.ae.threshold[:4] = 1e6  # latents 0..3 can never fire
+        t.ae.threshold[4:] = 0.0
+    x = torch.randn(40, 8)
+    out = [t.update(s, x) for s in range(3)]
+    assert t.tokens_since_fired[:4].tolist() == [120] * 4
+    assert out[1]["dead_latents"] == 0.0 and out[2]["dead_latents"] == pytest.approx(4 / 16)
+
+
+# ---------------------------------------------------------------------------- bad input, dtypes
+
+
+def test_bad_inputs_named():
+    t = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu")
+    x = torch.randn(4, 8)
+    x[1, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="step 3: input batch contains NaN"):
+        t.update(3, x)
+    with pytest.raises(ValueError, match=r"step 0: x has shape \(4, 7\), expected \[batch, 8\]"):
+        t.update(0, torch.randn(4, 7))
+    before = {n: p.detach().clone() for n, p in t.params.items()}
+    with pytest.raises(FloatingPointError, match="step 5: loss is inf"):
+        t.update(5, torch.full((4, 8), 1e30))  # finite input, squares overflow
+    for n, p in t.params.items():
+        assert torch.equal(p, before[n]), n  # no update applied
+    assert t.step == 0
+
+
+def test_update_returns_floats():
+    out = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu").update(0, torch.randn(4, 2, 8))
+    keys = {"loss", "mse", "sparsity_loss", "l0", "frac_variance_explained", "lr", "sparsity_coeff", "dead_latents"}
+    assert set(out) == keys and all(isinstance(v, float) and math.isfinite(v) for v in out.values())
+
+
+def test_frac_variance_explained_definition():
+    t = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu")
+    x = randomise(t, quantile=0.5)
+    x_hat = t.ae(x).detach()  # the stats describe the weights before the step
+    fve = 1 - (x - x_hat).var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum()
+    mse = (x - x_hat).pow(2).sum(1).mean()
+    out = t.update(0, x)
+    assert out["frac_variance_explained"] == pytest.approx(float(fve), rel=1e-4, abs=1e-6)
+    assert out["mse"] == pytest.approx(float(mse), rel=1e-5)
+
+
+def test_bf16_runs_dense_with_fp32_threshold():
+    t = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", dtype="bfloat16")
+    for s in range(3):
+        out = t.update(s, torch.randn(16, 8))
+    assert t.last_backward == "dense" and math.isfinite(out["loss"])
+    assert t.ae.W_enc.dtype == torch.bfloat16 and t.ae.threshold.dtype == torch.float32
