@@ -9,8 +9,8 @@ burst of load from other processes on a shared machine hits them alike):
           stopped by a forward hook raising after layer L (no nnsight, no tokenization, no shuffle)
   padded  ActivationBuffer(pack=False): one left-padded row per text (the original pipeline's way)
 buffer/limit count LM positions computed per second (ratio = buffer / limit); padded counts real
-(non-pad) tokens per second; yielded_tokens_per_s counts the vectors the buffer yielded (EOS
-separators are excluded from those).
+(non-pad) tokens per second; yielded_tokens_per_s = buffer_tokens_per_s x the fraction of packed
+positions that are yielded (EOS separators are not).
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def main() -> None:
     model = load_language_model(args.model, device=args.device, dtype="float32")
     hf, tok = model._module, model.tokenizer
     texts, source = load_sample_texts()
-    windows, _ = pack_texts(texts, tok, args.ctx_len, drop_last=True)
+    windows, keep = pack_texts(texts, tok, args.ctx_len, drop_last=True)
+    kept_fraction = keep.float().mean().item()  # positions that are yielded (not EOS separators)
     windows = windows.to(model.device)
     pad_texts_ = texts[: args.padded_texts]
     real_padded = sum(min(len(tok(t)["input_ids"]), args.ctx_len) for t in pad_texts_ if t)
@@ -111,14 +112,14 @@ def main() -> None:
     next(ActivationBuffer(texts[:8], model, args.layer, **{**common, "n_ctxs": 2}))
 
     secs = {"buffer": 0.0, "limit": 0.0, "padded": 0.0}
-    limit_pos, yielded, pad_done = 0, 0, False
+    limit_pos, pad_done = 0, False
     while (
         not pad_done or limit_pos < args.positions or buf.counters["contexts"] * args.ctx_len < args.positions
     ):
         # Round robin, one LM batch each, so a burst of load from other processes hits all alike.
         if buf.counters["contexts"] * args.ctx_len < args.positions:
             t0 = time.perf_counter()
-            yielded += len(next(buf))
+            next(buf)
             secs["buffer"] += time.perf_counter() - t0
         if limit_pos < args.positions:
             t0 = time.perf_counter()
@@ -137,7 +138,7 @@ def main() -> None:
         "limit_tokens_per_s": round(limit_pos / secs["limit"], 1),
         "ratio": round((buffer_pos / secs["buffer"]) / (limit_pos / secs["limit"]), 3),
         "padded_tokens_per_s": round(real_padded / secs["padded"], 1),
-        "yielded_tokens_per_s": round(yielded / secs["buffer"], 1),
+        "yielded_tokens_per_s": round(kept_fraction * buffer_pos / secs["buffer"], 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "model": args.model,
         "layer": args.layer,

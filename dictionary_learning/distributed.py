@@ -86,7 +86,9 @@ class Context:
 
     def local_batch_size(self, global_batch: int) -> int:
         if global_batch % self.world_size:
-            raise ValueError(f"batch size {global_batch} is not divisible by the world size {self.world_size}")
+            raise ValueError(
+                f"batch size {global_batch} is not divisible by the world size {self.world_size}"
+            )
         return global_batch // self.world_size
 
     # ------------------------------------------------------------------ collectives
@@ -416,7 +418,9 @@ class DataParallelTrainer(JumpReluTrainer):
     reduce_sum: Callable[[torch.Tensor], None]
 
     @classmethod
-    def wrap(cls, trainer: JumpReluTrainer, reduce_sum: Callable[[torch.Tensor], None]) -> DataParallelTrainer:
+    def wrap(
+        cls, trainer: JumpReluTrainer, reduce_sum: Callable[[torch.Tensor], None]
+    ) -> DataParallelTrainer:
         """Turn a JumpReluTrainer into a DataParallelTrainer in place (methods only; its state is kept).
         reduce_sum(t): in-place sum of tensor t over the ranks."""
         trainer.__class__ = cls
@@ -446,27 +450,26 @@ class DataParallelTrainer(JumpReluTrainer):
         n = self._rows = x.shape[0]
         s = super().compute_grads(x, coeff, backward)
         params = list(self.params.values())
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         xf = x.float()
-        err = s["x_hat"].float() - xf
-        weighted = [g.reshape(-1).float() for g in grads] + [s["mse"].reshape(1).float(), s["l0"].reshape(1).float()]
-        flat = torch.cat([torch.cat(weighted) * n, x.new_tensor([n], dtype=torch.float32),
-                          s["fired"].float(), xf.sum(0), err.sum(0), xf.reshape(1, -1).pow(2).sum(1)])  # fmt: skip
+        # One buffer, one all_reduce: [n_r·grads, n_r·mse, n_r·L0, n_r | fired, Σx, Σ(x̂ − x), Σ‖x‖²].
+        weighted = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        weighted += [s["mse"], s["l0"], torch.ones((), device=x.device)]
+        head = torch.cat([t.reshape(-1).float() for t in weighted]) * n
+        tail = [s["fired"].float(), xf.sum(0), (s["x_hat"].float() - xf).sum(0), xf.pow(2).sum().reshape(1)]
+        flat = torch.cat([head, *tail])
         self.reduce_sum(flat)
-        k = sum(g.numel() for g in grads)
-        N = flat[k + 2].clone()
-        flat[: k + 2] /= N
-        i = 0
+        N = flat[head.numel() - 1].clone()  # rows over all ranks
+        flat[: head.numel()] /= N
+        *grads, mse, l0, _ = flat[: head.numel()].split([t.numel() for t in weighted])
         for p, g in zip(params, grads):
-            p.grad = flat[i : i + g.numel()].view(p.shape).to(p.dtype)
-            i += g.numel()
-        d = x.shape[1]
-        mse, l0 = flat[k], flat[k + 1]
-        fired = flat[k + 3 : k + 3 + self.cfg.dict_size] > 0
-        sx, se, sxx = flat[-2 * d - 1 : -d - 1] / N, flat[-d - 1 : -1] / N, flat[-1] / N
-        fve = 1 - (mse - se.dot(se)) / (sxx - sx.dot(sx)).clamp_min(1e-30)  # as trainer._frac_variance_explained
+            p.grad = g.view(p.shape).to(p.dtype)
+        fired, sx, se, sxx = flat[head.numel() :].split([t.numel() for t in tail])
+        fired, sx, se, sxx = fired > 0, sx / N, se / N, sxx[0] / N
+        fve = 1 - (mse[0] - se.dot(se)) / (sxx - sx.dot(sx)).clamp_min(
+            1e-30
+        )  # trainer._frac_variance_explained
         self._global = {"rows": int(N), "fired": fired, "fve": float(fve)}
-        return {**s, "loss": mse + s["sparsity_loss"], "mse": mse, "l0": l0, "fired": fired}
+        return {**s, "loss": mse[0] + s["sparsity_loss"], "mse": mse[0], "l0": l0[0], "fired": fired}
 
     def update(self, step: int, x: torch.Tensor) -> dict:
         """trainer.update on this rank's rows x [n_r, d]; counters and statistics of the global batch."""

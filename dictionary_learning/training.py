@@ -14,6 +14,10 @@ machine, bitwise on CPU). Data objects with state_dict()/load_state_dict() (Acti
 ActivationCache) are restored from their state; plain iterators cannot be, so resume re-creates them
 from the start and fast-forwards by skipping the batches already consumed (exact only when the
 iterator is deterministic).
+
+Under torchrun (distributed.py) the same loop runs data parallel (every rank trains every SAE on its
+share of each batch; rank 0 writes) or with the sweep split across the ranks (each rank trains its
+trainers on the all-gathered batch); checkpoints then hold every rank's stream state and RNGs.
 """
 
 from __future__ import annotations

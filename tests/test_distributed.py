@@ -104,8 +104,12 @@ def _worker(rank, world, port, job):
     try:
         distributed.init(job["mode"], device="cpu", timeout_s=job["timeout"])
         mine = job["fault"] if job["fault"] and job["fault"][0] == rank else (None, None, None)
-        src = Synthetic(die_at=mine[2] if mine[1] == "die" else None, hang_at=mine[2] if mine[1] == "hang" else None)
-        out["dirs"] = trainSAE(RankSlice(src), configs(), STEPS, job["save_dir"], META, resume=job["resume"], **RUN)
+        src = Synthetic(
+            die_at=mine[2] if mine[1] == "die" else None, hang_at=mine[2] if mine[1] == "hang" else None
+        )
+        out["dirs"] = trainSAE(
+            RankSlice(src), configs(), STEPS, job["save_dir"], META, resume=job["resume"], **RUN
+        )
     except Exception as e:  # noqa: BLE001 - reported to the test
         out["error"] = f"{type(e).__name__}: {e}"
     out["seconds"] = time.time() - t0
@@ -296,7 +300,7 @@ def test_data_parallel_gradient_is_the_global_batch_gradient(mode, backward):
         ranks = [cls.wrap(JumpReluTrainer(cfg), comm.for_rank(r)) for r in range(2)]
         stats = [None, None]
 
-        def step(r):
+        def step(r, ranks=ranks, stats=stats):
             stats[r] = ranks[r].compute_grads(x[r * 32 : (r + 1) * 32], coeff=0.5)
 
         on_threads([lambda r=r: step(r) for r in range(2)])
@@ -334,7 +338,9 @@ def test_data_parallel_updates_match_and_poison_a_nan_batch_on_every_rank():
         torch.testing.assert_close(ranks[0].params[n], p, rtol=1e-5, atol=1e-6, msg=n)
     for a, b in zip(outs[0], outs_ref):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)  # global-batch loss, l0, fve, dead
-    assert ranks[0].tokens_seen == ref.tokens_seen and torch.equal(ranks[0].tokens_since_fired, ref.tokens_since_fired)
+    assert ranks[0].tokens_seen == ref.tokens_seen and torch.equal(
+        ranks[0].tokens_since_fired, ref.tokens_since_fired
+    )
 
     # NaN in rank 1's rows only: both ranks raise, so neither waits for the other's next collective
     bad = xs[0].clone()

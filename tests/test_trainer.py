@@ -18,6 +18,15 @@ from dictionary_learning.trainer import JumpReluTrainer, TrainerConfig, estimate
 SMALL = dict(lr=3e-3, bandwidth=0.1, threshold_init=0.2, device="cpu")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (badly so on a shared, busy CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def superposition(d, n_features, p_active, noise=0.01, seed=0):
     """n_features random unit directions in d dims; each token turns each feature on with
     probability p_active, magnitude U[0.5, 1.5]; plus Gaussian noise. Returns (V [N, d], sample)."""
