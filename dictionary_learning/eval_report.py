@@ -9,6 +9,8 @@ RUN_DIR is one trainer folder (sae_weights.safetensors + config.json), a folder 
 params.npz. Model, layer, site, data set and ctx_len come from each folder's config.json (SAELens:
 cfg.json metadata); flags override them, and external SAEs without those fields need the flags.
 Always the VALIDATION split of the data set is evaluated (held-out text, never the training text).
+SAEs sharing model, hook and data are evaluated together (`evaluation.evaluate_many`, up to
+--group-size at once): the clean and ablation passes run once per group, only the splice per SAE.
 
 Writes: eval_results.json (metrics + an `eval` block with the settings and versions),
 sparsity.safetensors and feature_density.png into each SAE's folder; eval_summary.csv/.md,
@@ -28,7 +30,7 @@ import re
 import sys
 from pathlib import Path
 
-from .evaluation import EvalConfig, evaluate, load_sae, log_feature_density, save_sparsity
+from .evaluation import EvalConfig, evaluate_many, load_sae, log_feature_density, save_sparsity
 from .utils import atomic_path, git_commit, package_versions, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,8 @@ SUMMARY_COLUMNS = (
     "n_tokens",
 )
 CURVE_KEYS = ("loss", "mse", "l0", "fve", "dead", "lr")
+DEFAULT_GROUP_SIZE = 16
+"""Most SAEs evaluated together (sharing the clean and ablation passes), i.e. held in memory at once."""
 
 
 # ---------------------------------------------------------------------------- finding SAEs
@@ -266,6 +270,12 @@ def parse_args(argv=None):
     p.add_argument("--layer", type=int, default=None, help="layer (default: the run's)")
     p.add_argument("--site", default=None, help="resid_post / resid_pre / mlp_out (default: the run's)")
     p.add_argument("--exclude-first-k", type=int, default=None, help="default: the run's buffer setting")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=DEFAULT_GROUP_SIZE,
+        help="most SAEs at one hook evaluated together (they share the clean and ablation passes)",
+    )
     p.add_argument("--out", default=None, help="folder for the summary and plots (default: RUN_DIR)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)
@@ -277,6 +287,8 @@ def main(argv=None) -> int:
     try:
         saes = find_saes(args.run_dir)
         settings = [run_settings(p, args) for p in saes]
+        if args.group_size < 1:
+            raise ValueError(f"--group-size must be >= 1 (got {args.group_size})")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -307,17 +319,32 @@ def _out_dir(run_dir) -> Path:
     return p.parent if p.is_file() else p
 
 
+def eval_groups(settings: list[dict], max_group: int) -> list[list[int]]:
+    """Indices of the SAEs that can share their evaluation passes: same model, layer, site, validation
+    split (dataset, seed, validation_fraction), ctx_len and exclude_first_k; groups of at most
+    max_group SAEs (bounds the SAEs held in memory), ordered by model so each model loads once."""
+    keys = ("model", "layer", "site", "dataset", "seed", "validation_fraction", "ctx_len", "exclude_first_k")
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(settings):
+        groups.setdefault(tuple(str(s[k]) for k in keys), []).append(i)
+    ordered = sorted(groups.items(), key=lambda kv: kv[0][0])  # stable: by model, then first seen
+    return [idx[j : j + max_group] for _, idx in ordered for j in range(0, len(idx), max_group)]
+
+
 def run(args, saes: list[Path], settings: list[dict]) -> list[dict]:
-    """Evaluate every SAE (each model and validation split loaded once) and write all reports."""
+    """Evaluate every SAE and write all reports. Each model and validation split is loaded once, and
+    the SAEs sharing model, hook and data (`eval_groups`) are evaluated together by `evaluate_many`."""
     from tqdm.auto import tqdm
 
     from dataset import load_texts
 
     from .utils import load_language_model
 
-    models, texts, rows, logs = {}, {}, [], {}
-    jobs = sorted(zip(saes, settings, _display_names(saes)), key=lambda j: str(j[1]["model"]))  # stable
-    for path, s, name in tqdm(jobs, desc="SAEs", disable=args.no_progress):
+    names = _display_names(saes)
+    models, texts, rows, logs = {}, {}, {}, {}
+    max_group = getattr(args, "group_size", None) or DEFAULT_GROUP_SIZE  # args built by hand may lack it
+    for group in tqdm(eval_groups(settings, max_group), desc="SAE groups", disable=args.no_progress):
+        s = settings[group[0]]
         if s["model"] not in models:
             models.clear()  # one language model in memory at a time
             models[s["model"]] = load_language_model(s["model"], device=args.device, dtype=args.dtype)
@@ -326,9 +353,8 @@ def run(args, saes: list[Path], settings: list[dict]) -> list[dict]:
             texts[data_key] = load_texts(
                 s["dataset"], split="validation", seed=s["seed"], validation_fraction=s["validation_fraction"]
             )
-        sae = load_sae(str(path), device=args.device)
-        metrics, counts = evaluate(
-            sae,
+        results = evaluate_many(
+            [load_sae(str(saes[i]), device=args.device) for i in group],
             models[s["model"]],
             s["layer"],
             s["site"],
@@ -341,11 +367,11 @@ def run(args, saes: list[Path], settings: list[dict]) -> list[dict]:
             progress=not args.no_progress,
             return_counts=True,
         )
-        folder = path.parent if path.is_file() else path
-        results = {
-            **metrics,
-            "eval": {
-                **s,
+        for i, (metrics, counts) in zip(group, results):
+            path, name = saes[i], names[i]
+            folder = path.parent if path.is_file() else path
+            eval_block = {
+                **settings[i],
                 "sae": str(path),
                 "split": "validation",
                 "n_tokens_requested": args.n_tokens,
@@ -353,14 +379,16 @@ def run(args, saes: list[Path], settings: list[dict]) -> list[dict]:
                 "lm_dtype": args.dtype,
                 "versions": package_versions(),
                 "git_commit": git_commit(),
-            },
-        }
-        write_json(folder / RESULTS_FILE, results)
-        save_sparsity(folder / SPARSITY_FILE, counts, metrics["n_tokens"])
-        plot_density(log_feature_density(counts, metrics["n_tokens"]), folder / "feature_density.png", name)
-        rows.append({"trainer": name, **metrics})
-        if (folder / "training_log.jsonl").exists():
-            logs[name] = read_training_log(folder / "training_log.jsonl")
+            }
+            write_json(folder / RESULTS_FILE, {**metrics, "eval": eval_block})
+            save_sparsity(folder / SPARSITY_FILE, counts, metrics["n_tokens"])
+            density = log_feature_density(counts, metrics["n_tokens"])
+            plot_density(density, folder / "feature_density.png", name)
+            rows[i] = {"trainer": name, **metrics}
+            if (folder / "training_log.jsonl").exists():
+                logs[name] = read_training_log(folder / "training_log.jsonl")
+    rows = [rows[i] for i in sorted(rows)]  # the order of `saes`
+    logs = {names[i]: logs[names[i]] for i in range(len(saes)) if names[i] in logs}
     out = Path(args.out) if args.out else _out_dir(args.run_dir)
     write_summary(rows, out)
     plot_frontiers(rows, out)

@@ -316,6 +316,40 @@ def test_results_do_not_depend_on_batch_size(tiny_model):
         assert_same_metrics(other, runs[0], rel=1e-5, abs_=1e-7)
 
 
+def test_evaluate_many_equals_evaluating_each_alone(tiny_model, monkeypatch):
+    """Sharing the clean / ablation passes changes nothing per SAE, and really shares them."""
+    a, b, c = random_sae(seed=0), random_sae(m=3 * D, seed=5), identity_sae()
+    alone = [
+        ev.evaluate(s, tiny_model, LAYER, "resid_post", TEXTS, return_counts=True, **KW) for s in (a, b, c)
+    ]
+    assert alone[0][0]["frac_variance_explained"] != alone[1][0]["frac_variance_explained"]  # distinct SAEs
+    assert alone[0][0]["loss_reconstructed"] != alone[1][0]["loss_reconstructed"]
+
+    calls = []
+    real = ev.traced_forward
+
+    def spy(model, envoy, site, input_ids, replacement=None, stop_at_hook=False):
+        calls.append("mean" if stop_at_hook else "clean" if replacement is None else "patched")
+        return real(model, envoy, site, input_ids, replacement, stop_at_hook)
+
+    monkeypatch.setattr(ev, "traced_forward", spy)
+    together = ev.evaluate_many([a, b, c], tiny_model, LAYER, "resid_post", TEXTS, return_counts=True, **KW)
+    assert len(together) == 3
+    for (got, got_counts), (want, want_counts) in zip(together, alone):
+        assert got == want  # bitwise: same passes, same float64 sums
+        assert torch.equal(got_counts, want_counts)
+    n_batches = calls.count("clean")
+    assert n_batches == calls.count("mean") == math.ceil(together[0][0]["n_contexts"] / KW["batch_size"])
+    assert calls.count("patched") == (3 + 2) * n_batches  # one splice per SAE + zero + mean, per batch
+
+
+def test_evaluate_many_bad_input(tiny_model):
+    with pytest.raises(ValueError, match="no SAEs"):
+        ev.evaluate_many([], tiny_model, LAYER, "resid_post", TEXTS, **KW)
+    with pytest.raises(ValueError, match="SAE #1 activation_dim"):
+        ev.evaluate_many([random_sae(), random_sae(D + 1)], tiny_model, LAYER, "resid_post", TEXTS, **KW)
+
+
 def test_our_saelens_and_gemma_scope_files_give_identical_metrics(tiny_model, tmp_path):
     sae = random_sae()
     ours = sae.save(tmp_path / "ours", {"model": "tiny", "layer": LAYER, "site": "resid_post"})
@@ -404,9 +438,18 @@ def test_cli_evaluates_a_sweep_and_writes_reports(trained_run, monkeypatch):
         utils, "load_language_model", lambda *a, **k: loads.append(a) or real_load_model(*a, **k)
     )
 
+    groups = []
+    real_many = eval_report.evaluate_many
+    monkeypatch.setattr(
+        eval_report,
+        "evaluate_many",
+        lambda saes, *a, **k: groups.append(len(saes)) or real_many(saes, *a, **k),
+    )
+
     run_dir = root / "runs"
     assert eval_report.main([str(run_dir), "--n-tokens", "300", "--batch-size", "4", "--no-progress"]) == 0
     assert splits == ["validation"] and len(loads) == 1  # held-out text; the model loaded once
+    assert groups == [2]  # same model, hook and data: both SAEs share one evaluation
 
     rows = list(csv.DictReader(open(run_dir / "eval_summary.csv")))
     assert len(rows) == 2
@@ -474,6 +517,25 @@ def test_cli_evaluates_an_external_npz_by_the_same_procedure(trained_run, tmp_pa
     metrics = [k for k in a if k != "eval"]
     assert_same_metrics({k: b[k] for k in metrics}, {k: a[k] for k in metrics}, rel=1e-12)
     assert (tmp_path / "eval_summary.md").exists() and (tmp_path / "sparsity.safetensors").exists()
+
+
+def test_eval_groups_share_model_hook_and_data_only():
+    from dictionary_learning import eval_report
+
+    base = dict(model="m", layer=1, site="resid_post", dataset="d", seed=0, validation_fraction=0.1)
+    base.update(ctx_len=32, exclude_first_k=0)
+    settings = [
+        base,
+        {**base, "layer": 2},
+        {**base, "model": "a"},  # another model: its group comes first (models sorted)
+        dict(base),
+        {**base, "ctx_len": 64},
+        {**base, "exclude_first_k": 1},
+        {**base, "seed": 1},  # another validation split
+        dict(base),
+    ]
+    assert eval_report.eval_groups(settings, 16) == [[2], [0, 3, 7], [1], [4], [5], [6]]
+    assert eval_report.eval_groups(settings, 2) == [[2], [0, 3], [7], [1], [4], [5], [6]]
 
 
 def test_cli_bad_run_dir_exits_2_with_one_line(tmp_path):
