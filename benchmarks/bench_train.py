@@ -2,14 +2,17 @@
 
     python benchmarks/bench_train.py --json            # prints ONE JSON object
 
-For each config (d, m, batch), fp32 on CPU:
+For each config (d, m, batch), fp32 on CPU, each measurement in a fresh subprocess run with
+OMP_WAIT_POLICY=PASSIVE (timings with OpenMP's default spinning wait policy are reported as well):
   step_ms        median time of trainer.update (sparse backward once L0 is low)
   floor_ms       one dense [B, d] @ [d, m] GEMM, timed in the same process, interleaved with the steps
   dense_ms       the same update with backward="dense" (plain autograd through the JumpReLU/Step
                  functions), same process
-  peak_rss_mb    peak RSS of a fresh process that only builds the trainer and runs updates; also the
-                 RSS before the trainer exists (interpreter, torch, the input batch) and the theoretical
-                 minimum = params + grads + Adam state (2 × params) + one [B, m] fp32 tensor.
+  peak_rss_mb    peak RSS during updates in a fresh process that only builds the trainer and trains
+                 (set-up garbage is trimmed and VmHWM reset first); baseline_rss_mb is the RSS before
+                 the trainer exists (interpreter, torch and its optimiser modules, the input batch); net = peak − baseline is
+                 compared with the minimum = params + grads + Adam state (2 × params) + one [B, m] fp32;
+                 measured with default malloc settings and with MALLOC_MMAP_THRESHOLD_=262144.
 The threshold of each latent is set to a quantile of its pre-activations on a sample batch so that
 L0 ~ 64 before timing (the init has W_enc = W_decᵀ, so a random init is otherwise dense).
 """
@@ -17,6 +20,7 @@ L0 ~ 64 before timing (the init has W_enc = W_decᵀ, so a random init is otherw
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -87,7 +91,7 @@ def worker_timing(d: int, m: int, B: int, reps: int) -> dict:
         step_ts.append(_median_ms(update, 1))
     stats = update()
     backward = trainer.last_backward
-    del trainer, out
+    trainer = out = None  # free them before the dense run
     dense, x = _make(d, m, B, "dense")
     dense.update(0, x)
     dense_ts = [_median_ms(lambda: dense.update(1, x), 1) for _ in range(max(3, reps // 2))]
@@ -106,11 +110,30 @@ def worker_timing(d: int, m: int, B: int, reps: int) -> dict:
     }
 
 
+def _trim_and_reset_peak() -> None:
+    """Return freed heap to the OS (glibc malloc_trim) and reset VmHWM (Linux clear_refs 5), so the
+    peak that follows is the training loop's, not the set-up's (init, threshold calibration)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
 def worker_rss(d: int, m: int, B: int, steps: int) -> dict:
+    # Baseline: interpreter, torch, the optimiser machinery (the first torch.optim.Adam imports
+    # ~70 MB of modules) and an input batch, which exists before the trainer in real use.
+    p = torch.nn.Parameter(torch.zeros(8))
+    p.grad = torch.ones(8)
+    torch.optim.Adam([p], fused=True).step()
     g = torch.Generator().manual_seed(1)
-    _ = torch.randn(B, d, generator=g)  # the input batch exists before the trainer in real use
+    _ = torch.randn(B, d, generator=g)
     base = _rss_mb("VmRSS")
     trainer, x = _make(d, m, B, "auto")
+    setup_peak = _rss_mb("VmHWM")
+    _trim_and_reset_peak()
+    after_setup = _rss_mb("VmRSS")
     for s in range(steps):
         trainer.update(s, x)
     peak = _rss_mb("VmHWM")
@@ -122,14 +145,16 @@ def worker_rss(d: int, m: int, B: int, steps: int) -> dict:
         "net_peak_rss_mb": round(peak - base, 1),
         "min_mb": round(minimum, 1),
         "net_over_min": round((peak - base) / minimum, 3),
-        "backward": trainer.last_backward,
+        "setup_peak_rss_mb": round(setup_peak, 1),
+        "rss_after_setup_mb": round(after_setup, 1),
+        "backward_rss_run": trainer.last_backward,
     }
 
 
-def run_worker(kind: str, d: int, m: int, B: int, args) -> dict:
+def run_worker(kind: str, d: int, m: int, B: int, args, env_extra: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--shape", f"{d},{m},{B}",
            "--reps", str(args.reps), "--threads", str(args.threads)]  # fmt: skip
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env_extra or {})}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"rc {r.returncode}"}
@@ -154,11 +179,24 @@ def main():
         print(json.dumps(out))
         return
     results = {}
+    passive = {"OMP_WAIT_POLICY": "PASSIVE"}
     for spec in args.configs.split(";"):
         d, m, B = (int(v) for v in spec.split(","))
-        res = {"d": d, "m": m, "batch": B, "dtype": "float32", "device": "cpu"}
-        res.update(run_worker("timing", d, m, B, args))
+        res = {"d": d, "m": m, "batch": B, "dtype": "float32", "device": "cpu", "env": passive}
+        res.update(run_worker("timing", d, m, B, args, passive))
+        # The same with OpenMP's default (spinning) wait policy: on a shared, oversubscribed CPU every
+        # small parallel op then waits for a descheduled thread, which inflates the many small ops of
+        # the sparse step far more than the one big GEMM.
+        default = run_worker("timing", d, m, B, args)
+        keys = ("step_ms", "floor_ms", "dense_ms", "step_over_floor", "dense_over_step", "l0")
+        res["default_omp_wait_policy"] = {k: default.get(k, default.get("error")) for k in keys}
         res.update(run_worker("rss", d, m, B, args))
+        # glibc's dynamic mmap threshold keeps freed mid-size blocks on the heap; with a fixed
+        # threshold they go back to the OS, which shows what the trainer itself holds at peak.
+        tuned = run_worker("rss", d, m, B, args, {"MALLOC_MMAP_THRESHOLD_": "262144"})
+        res["malloc_mmap_threshold_256k"] = {
+            k: tuned.get(k) for k in ("peak_rss_mb", "net_peak_rss_mb", "net_over_min")
+        }
         results[f"d{d}_m{m}_b{B}"] = res
     meta = {"threads": args.threads, "reps": args.reps, "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "load_avg": os.getloadavg()}  # fmt: skip

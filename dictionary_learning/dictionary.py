@@ -252,7 +252,9 @@ def _read_npz(path: Path) -> dict[str, torch.Tensor]:
     try:
         with np.load(path, allow_pickle=False) as data:
             # Gemma Scope spells them W_enc ...; some copies use w_enc.
-            return {("W_" + k[2:] if k.startswith("w_") else k): torch.from_numpy(np.array(data[k])) for k in data}
+            return {
+                ("W_" + k[2:] if k.startswith("w_") else k): torch.from_numpy(np.array(data[k])) for k in data
+            }
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read npz file ({e})") from None
 

@@ -23,15 +23,16 @@ import torch
 from dictionary_learning.dictionary import TENSOR_NAMES, JumpReluAutoEncoder
 from dictionary_learning.jumprelu import (
     SPARSITY_MODES,
+    jumprelu,
     reconstruction_loss,
     sparse_grads,
     sparsity_loss,
     step,
-    jumprelu,
 )
 from dictionary_learning.utils import default_device, dtype_name, parse_dtype
 
 BACKWARDS = ("auto", "dense", "sparse")
+BIG_GRAD_ELEMS = 1 << 23  # [m, d] this large: reuse the W_dec / W_enc gradient tensors across steps
 STATE_FORMAT = 1
 
 
@@ -183,13 +184,18 @@ class JumpReluTrainer:
             c.activation_dim, c.dict_size, device=c.device, dtype=c.dtype,
             threshold_init=c.threshold_init, generator=self.generator,
         )  # fmt: skip
+        # The tensors the optimiser updates, by name. W_enc [d, m] is stored latent-major, so it
+        # appears here as its contiguous [m, d] transpose (same storage): its gradient from the
+        # per-latent bags then needs no copy, and the fused Adam kernel (which copies non-contiguous
+        # tensors in and out) stays a single pass.
         self.params = {n: getattr(self.ae, n) for n in TENSOR_NAMES}
+        self.params["W_enc"] = torch.nn.Parameter(self.ae.W_enc.detach().T)
         self.optimizer = make_adam(list(self.params.values()), c)
         self.step = 0  # steps done
         self.tokens_seen = 0
         self.tokens_since_fired = torch.zeros(c.dict_size, dtype=torch.int64, device=self.device)
         self.last_backward = None  # "dense" or "sparse", for logs and tests
-        self._pre_buf = self._mask_buf = None  # [B, m] work buffers of the sparse path
+        self._pre_buf = None  # [B, m] buffer for x @ W_enc
 
     # ------------------------------------------------------------------ config
 
@@ -256,36 +262,46 @@ class JumpReluTrainer:
 
     def compute_grads(self, x: torch.Tensor, coeff: float, backward: str | None = None) -> dict:
         """Set .grad of every parameter for the loss on the normalised batch x [B, d]; return stats
-        (tensors: loss, mse, sparsity_loss, l0, x_hat [B, d], fired [m] bool). `backward`
-        ('auto' | 'dense' | 'sparse') overrides cfg.backward."""
+        (tensors: loss, mse, sparsity_loss, l0, x_hat [B, d], mean_err [d] = mean(x̂ − x), fired [m]
+        bool). `backward` ('auto' | 'dense' | 'sparse') overrides cfg.backward."""
         c, ae = self.cfg, self.ae
         kind = backward or c.backward
         if kind not in BACKWARDS:
             raise ValueError(f"backward must be one of {BACKWARDS}, got {kind!r}")
-        for p in self.params.values():
-            p.grad = None  # free last step's gradients before making new ones
         sparse = kind == "sparse" or (kind == "auto" and c.dtype == "float32")
+        # Large [m, d] gradients are written into last step's tensors (a fresh tensor that size costs
+        # more in page faults than the sparse product itself); all others are freed first.
+        bufs = None
+        if sparse and c.dict_size * c.activation_dim >= BIG_GRAD_ELEMS:
+            shape = (c.dict_size, c.activation_dim)
+            bufs = {
+                k: g
+                if g is not None and g.shape == shape and g.is_contiguous()
+                else torch.empty_like(ae.W_dec)
+                for k, g in (("W_dec", self.params["W_dec"].grad), ("W_enc_t", self.params["W_enc"].grad))
+            }
+        for p in self.params.values():
+            p.grad = None
         with torch.no_grad():
             B, m = x.shape[0], c.dict_size
-            if self._pre_buf is None or self._pre_buf.shape[0] != B:  # reused: fresh [B, m] tensors
-                self._pre_buf = self._mask_buf = None  # cost page faults every step
+            if self._pre_buf is None or self._pre_buf.shape[0] != B:  # reused: a fresh [B, m]
+                self._pre_buf = None  # tensor costs page faults every step
                 self._pre_buf = torch.empty(B, m, dtype=x.dtype, device=x.device)
-                if sparse:
-                    self._mask_buf = torch.empty(B, m, dtype=torch.bool, device=x.device)
             xW = torch.mm(x, ae.W_enc, out=self._pre_buf)  # the one dense GEMM; b_enc added later
         if sparse:
-            out = sparse_grads(
+            res = sparse_grads(
                 x, xW, ae.b_enc, ae.W_dec, ae.b_dec, ae.threshold, c.bandwidth,
                 lambda l0: self.sparsity_penalty(l0, coeff),
-                max_density=None if kind == "sparse" else c.sparse_max_density,
-                mask_buffer=self._mask_buf,
+                max_density=None if kind == "sparse" else c.sparse_max_density, out=bufs,
             )  # fmt: skip
-            if out is not None:
-                grads, stats = out
+            if res is not None:
+                grads, stats = res
+                grads["W_enc"] = grads["W_enc"].T  # [m, d], the layout of params["W_enc"]
                 for n, g in grads.items():
                     self.params[n].grad = g
                 self.last_backward = "sparse"
                 return stats._asdict()
+        bufs = None
         with torch.no_grad():
             pre = xW.add_(ae.b_enc)  # [B, m]
         return self._dense_grads(x, pre, coeff)
@@ -302,12 +318,12 @@ class JumpReluTrainer:
         loss = mse + sp
         loss.backward()
         with torch.no_grad():
-            ae.W_enc.grad = (pre.grad.T @ x).T  # = xᵀ·∂L/∂pre, in W_enc's (latent-major) layout
+            self.params["W_enc"].grad = pre.grad.T @ x  # (xᵀ·∂L/∂pre)ᵀ [m, d]
             ae.b_enc.grad = pre.grad.sum(0)
             fired = (pre > ae.threshold).any(0)
         self.last_backward = "dense"
         return dict(loss=loss.detach(), mse=mse.detach(), sparsity_loss=sp.detach(), l0=l0.detach(),
-                    x_hat=x_hat.detach(), fired=fired)  # fmt: skip
+                    x_hat=x_hat.detach(), mean_err=(x_hat.detach() - x).mean(0), fired=fired)  # fmt: skip
 
     def update(self, step: int, x: torch.Tensor) -> dict:
         """One optimiser step on raw activations x [B, d] (divided by norm_factor here). Returns floats:
@@ -329,7 +345,7 @@ class JumpReluTrainer:
                     p.grad = torch.empty_like(p).copy_(p.grad)
             if c.unit_norm_decoder:  # remove the gradient component parallel to each decoder row
                 g = ae.W_dec.grad
-                g.addcmul_(torch.linalg.vecdot(g, ae.W_dec).unsqueeze(1), ae.W_dec, value=-1.0)
+                g.addcmul_(_row_dot(g, ae.W_dec).unsqueeze(1), ae.W_dec, value=-1.0)
             if c.max_grad_norm is not None:  # = clip_grad_norm_, minus the no-op ×1 pass when not clipping
                 params = list(self.params.values())
                 total = torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -345,7 +361,7 @@ class JumpReluTrainer:
             self.tokens_since_fired.add_(n).masked_fill_(s["fired"], 0)
             self.tokens_seen += n
             self.step = step + 1
-            fve = _frac_variance_explained(x, s["x_hat"], s["mse"])
+            fve = _frac_variance_explained(x, s["mean_err"], s["mse"])
             dead = (self.tokens_since_fired >= c.dead_feature_threshold).float().mean()
         return {
             "loss": loss,
@@ -381,15 +397,17 @@ class JumpReluTrainer:
         return self.folded_ae().save(path_dir, cfg)
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, meta) for exact resume. Tensors (safetensors-ready, sharing memory with the live
-        trainer: save them before the next update): model, Adam state, dead-latent counters, RNG.
-        meta (JSON): step, tokens seen, config."""
+        """(tensors, meta) for exact resume. Tensors (safetensors-ready; some share memory with the
+        live trainer: save them before the next update): the SAE (ae.*), Adam state (optim.*, shaped
+        like the SAE's tensors), dead-latent counters, RNG. meta (JSON): step, tokens seen, config."""
         tensors: dict[str, torch.Tensor] = {}
         for n, p in self.params.items():
-            tensors[f"ae.{n}"] = p.detach().contiguous()  # (W_enc and its Adam state: a copy)
-            st = self.optimizer.state.get(p, {})
-            for k, v in st.items():
-                tensors[f"optim.{n}.{k}"] = v.detach().reshape(-1) if v.ndim == 0 else v.detach().contiguous()
+            tensors[f"ae.{n}"] = getattr(self.ae, n).detach().contiguous()
+            for k, v in self.optimizer.state.get(p, {}).items():
+                v = v.detach()
+                if n == "W_enc" and v.shape == p.shape:
+                    v = v.T  # [m, d] optimiser layout -> [d, m] like W_enc
+                tensors[f"optim.{n}.{k}"] = v.reshape(-1) if v.ndim == 0 else v.contiguous()
         tensors["tokens_since_fired"] = self.tokens_since_fired
         tensors["rng.generator"] = self.generator.get_state()
         meta = {"format": STATE_FORMAT, "step": self.step, "tokens_seen": self.tokens_seen,
@@ -406,24 +424,22 @@ class JumpReluTrainer:
         if diff:
             raise ValueError("trainer state: config differs from this trainer's in "
                              + ", ".join(f"{k} (saved {saved[k]!r}, here {mine[k]!r})" for k in diff))  # fmt: skip
-        for n in TENSOR_NAMES:
-            if f"ae.{n}" not in tensors:
-                raise ValueError(f"trainer state: tensor 'ae.{n}' missing")
         opt_state = self.optimizer.state_dict()
         with torch.no_grad():
             for i, (n, p) in enumerate(self.params.items()):
-                t = tensors[f"ae.{n}"]
-                if t.shape != p.shape:
-                    raise ValueError(f"trainer state: tensor 'ae.{n}' has shape {tuple(t.shape)}, "
-                                     f"expected {tuple(p.shape)}")  # fmt: skip
-                p.copy_(t)
+                t, target = tensors.get(f"ae.{n}"), getattr(self.ae, n)
+                if t is None or t.shape != target.shape:
+                    got = "missing" if t is None else f"has shape {tuple(t.shape)}"
+                    raise ValueError(f"trainer state: tensor 'ae.{n}' {got}, expected {tuple(target.shape)}")
+                target.copy_(t)
                 st = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
+                if "step" in st:
+                    st["step"] = st["step"].reshape(()).clone()
+                for k, v in st.items():
+                    if v.shape == target.shape and k != "step":  # into the optimiser's layout
+                        st[k] = torch.empty_like(p).copy_(v.T if n == "W_enc" else v)
                 if st:
-                    if "step" in st:
-                        st["step"] = st["step"].reshape(()).clone()
-                    opt_state["state"][i] = {
-                        k: v.clone() if v.shape != p.shape else torch.empty_like(p).copy_(v) for k, v in st.items()
-                    }  # Adam state in the parameter's layout
+                    opt_state["state"][i] = st
             self.optimizer.load_state_dict(opt_state)
             self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
         self.generator.set_state(tensors["rng.generator"].clone())
@@ -432,15 +448,22 @@ class JumpReluTrainer:
         self.tokens_seen = int(meta["tokens_seen"])
 
 
-def _frac_variance_explained(x: torch.Tensor, x_hat: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
-    """1 − Σ_d Var(x − x̂) / Σ_d Var(x), pooled over the batch, from mse = E‖x − x̂‖².
-    x, x̂ [B, d] -> scalar. Uses Σ_d Var(v) = E‖v‖² − ‖E v‖²."""
-    B = x.shape[0]
+def _row_dot(a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 1 << 20) -> torch.Tensor:
+    """Row-wise dot products of a, b [m, d] -> [m], a block of rows at a time (no [m, d] temporary)."""
+    out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
+    rows = max(1, chunk_elems // max(1, a.shape[1]))
+    for r in range(0, a.shape[0], rows):
+        torch.linalg.vecdot(a[r : r + rows], b[r : r + rows], out=out[r : r + rows])
+    return out
+
+
+def _frac_variance_explained(x: torch.Tensor, mean_err: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
+    """1 − Σ_d Var(x − x̂) / Σ_d Var(x), pooled over the batch, from mse = E‖x − x̂‖² and
+    mean_err = E(x̂ − x) [d], using Σ_d Var(v) = E‖v‖² − ‖E v‖². x [B, d] -> scalar."""
     x = x.float()
-    mean_err = x_hat.float().mean(0) - x.mean(0)
     var_err = mse - mean_err.dot(mean_err)
     mean_x = x.mean(0)
-    var_x = x.reshape(-1).dot(x.reshape(-1)) / B - mean_x.dot(mean_x)
+    var_x = x.reshape(-1).dot(x.reshape(-1)) / x.shape[0] - mean_x.dot(mean_x)
     return 1 - var_err / var_x.clamp_min(1e-30)
 
 

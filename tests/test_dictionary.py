@@ -86,7 +86,11 @@ def test_save_writes_one_weights_file_and_two_configs(tmp_path):
     cfg = {"model_name": "smollm2-135m", "hook_name": "blocks.3.hook_resid_post", "layer": 3,
            "ctx_len": 128, "dataset": "sample", "prepend_bos": False, "lr": 7e-5}  # fmt: skip
     ae.save(tmp_path, cfg)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "config.json", "sae_weights.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cfg.json",
+        "config.json",
+        "sae_weights.safetensors",
+    ]
     with safe_open(str(tmp_path / "sae_weights.safetensors"), framework="pt") as fh:
         assert sorted(fh.keys()) == ["W_dec", "W_enc", "b_dec", "b_enc", "threshold"]
         assert fh.get_tensor("W_enc").shape == (D, M) and fh.get_tensor("W_dec").shape == (M, D)

@@ -141,6 +141,25 @@ def test_sparse_and_dense_gradients_agree(mode, quantile):
     assert torch.equal(stats["sparse"]["fired"], stats["dense"]["fired"])
 
 
+def test_large_gradients_written_in_place(monkeypatch):
+    """Past BIG_GRAD_ELEMS the W_dec / W_enc gradients are computed into last step's tensors (a CSR
+    matmul instead of embedding_bag): same gradients as the dense path, and the storage is reused."""
+    import dictionary_learning.trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "BIG_GRAD_ELEMS", 0)
+    t = JumpReluTrainer(activation_dim=24, dict_size=80, device="cpu", backward="sparse", bandwidth=0.02)
+    x = randomise(t, seed=2, quantile=0.9)
+    t.compute_grads(x, coeff=0.7, backward="dense")
+    dense = {n: p.grad.clone() for n, p in t.params.items()}
+    t.compute_grads(x, coeff=0.7)
+    ptrs = {n: t.params[n].grad.data_ptr() for n in ("W_dec", "W_enc")}
+    for n, g in dense.items():
+        assert (t.params[n].grad - g).norm() <= 1e-5 * g.norm() + 1e-12, n
+    t.update(0, x)
+    t.update(1, x)
+    assert {n: t.params[n].grad.data_ptr() for n in ("W_dec", "W_enc")} == ptrs
+
+
 def test_auto_picks_dense_when_dense_and_sparse_when_sparse():
     t = JumpReluTrainer(activation_dim=16, dict_size=64, device="cpu", sparse_max_density=0.1)
     x = randomise(t, quantile=0.5)
@@ -161,11 +180,12 @@ def test_optimizer_step_is_dense_adam():
     with torch.no_grad():
         t.ae.threshold[:8] = 1e6  # latents 0..7 never fire now
     params0 = {n: p.detach().clone() for n, p in t.params.items()}
-    v0 = t.optimizer.state[t.ae.W_enc]["exp_avg_sq"].clone()
+    v0 = t.optimizer.state[t.params["W_enc"]]["exp_avg_sq"].clone()
     t.compute_grads(x, coeff=t.cfg.sparsity_coeff * t.sparsity_factor(1))
     assert t.last_backward == "sparse"
     grads = {n: p.grad.clone() for n, p in t.params.items()}
-    assert not grads["W_enc"][:, :8].any() and grads["W_enc"][:, 8:].any()
+    # params["W_enc"] is W_enc's [m, d] transpose (same storage): latent j is row j
+    assert not grads["W_enc"][:8].any() and grads["W_enc"][8:].any()
     state0 = copy.deepcopy(t.optimizer.state_dict())  # (load_state_dict would share the tensors)
     fused = t.optimizer.defaults.get("fused")
     refs = {}
@@ -184,10 +204,10 @@ def test_optimizer_step_is_dense_adam():
     for n, p in t.params.items():
         assert torch.equal(p.detach(), refs["same"][n].detach()), n  # bitwise
         torch.testing.assert_close(p.detach(), refs["for-loop"][n].detach(), rtol=1e-6, atol=1e-7)
-    assert torch.equal(t.ae.W_enc[:, :8], params0["W_enc"][:, :8])  # zero-gradient rows stay put
-    v1 = t.optimizer.state[t.ae.W_enc]["exp_avg_sq"]
-    torch.testing.assert_close(v1[:, :8], 0.999 * v0[:, :8], rtol=1e-6, atol=0)  # ... and decay
-    assert v1[:, :8].min() > 0
+    assert torch.equal(t.ae.W_enc[:, :8], params0["W_enc"][:8].T)  # zero-gradient latents stay put
+    v1 = t.optimizer.state[t.params["W_enc"]]["exp_avg_sq"]
+    torch.testing.assert_close(v1[:8], 0.999 * v0[:8], rtol=1e-6, atol=0)  # ... but their v decays
+    assert v1[:8].min() > 0
 
 
 def test_threshold_never_negative():
@@ -326,6 +346,7 @@ def test_exact_resume(tmp_path, backward):
     for s, x in enumerate(batches[:17]):
         part.update(s, x)
     tensors, meta = part.state_dict()
+    assert tensors["ae.W_enc"].shape == tensors["optim.W_enc.exp_avg_sq"].shape == (10, 24)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "state.safetensors"))
     (tmp_path / "state.json").write_text(json.dumps(meta))
     resumed = JumpReluTrainer(**kw)  # no norm factor yet: comes from the state
@@ -382,7 +403,16 @@ def test_bad_inputs_named():
 
 def test_update_returns_floats():
     out = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu").update(0, torch.randn(4, 2, 8))
-    keys = {"loss", "mse", "sparsity_loss", "l0", "frac_variance_explained", "lr", "sparsity_coeff", "dead_latents"}
+    keys = {
+        "loss",
+        "mse",
+        "sparsity_loss",
+        "l0",
+        "frac_variance_explained",
+        "lr",
+        "sparsity_coeff",
+        "dead_latents",
+    }
     assert set(out) == keys and all(isinstance(v, float) and math.isfinite(v) for v in out.values())
 
 
