@@ -14,8 +14,14 @@ DEMO = REPO / "dictionary_learning" / "demo.py"
 
 def run_demo(*args, cwd=None, timeout=900):
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true")
-    return subprocess.run([sys.executable, str(DEMO), *args], capture_output=True, text=True, env=env,
-                          cwd=cwd or REPO, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(DEMO), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd or REPO,
+        timeout=timeout,
+    )
 
 
 def test_plan_for_gemma_needs_no_gpu_or_hub():
@@ -49,18 +55,48 @@ def test_bad_settings_fail_with_one_line(args, words, tmp_path):
 
 @pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path):
-    args = ["--layer", "3", "--ctx-len", "64", "--tokens", "49152", "--batch-size", "512",
-            "--widths", "1152", "--target-l0s", "16,48", "--eval-tokens", "1024", "--save-dir", str(tmp_path),
-            "--set", "warmup_steps=5", "--set", "sparsity_warmup_steps=30", "--set", "buffer_tokens=8192",
-            "--quiet"]
+    args = [
+        "--layer",
+        "3",
+        "--ctx-len",
+        "64",
+        "--tokens",
+        "49152",
+        "--batch-size",
+        "512",
+        "--widths",
+        "1152",
+        "--target-l0s",
+        "16,48",
+        "--eval-tokens",
+        "1024",
+        "--save-dir",
+        str(tmp_path),
+        "--set",
+        "warmup_steps=5",
+        "--set",
+        "sparsity_warmup_steps=30",
+        "--set",
+        "buffer_tokens=8192",
+        "--quiet",
+    ]
     r = run_demo(*args)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     layer_dir = tmp_path / "smollm2-135m" / "resid_post_layer3"
     trainers = sorted(p for p in layer_dir.iterdir() if p.name.startswith("jumprelu_"))
-    assert [p.name for p in trainers] == ["jumprelu_w1152_tl0-16_lr0.001_s0", "jumprelu_w1152_tl0-48_lr0.001_s0"]
+    assert [p.name for p in trainers] == [
+        "jumprelu_w1152_tl0-16_lr0.001_s0",
+        "jumprelu_w1152_tl0-48_lr0.001_s0",
+    ]
     for folder in trainers:
-        for f in ("sae_weights.safetensors", "config.json", "cfg.json", "training_log.jsonl",
-                  "eval_results.json", "sparsity.safetensors"):
+        for f in (
+            "sae_weights.safetensors",
+            "config.json",
+            "cfg.json",
+            "training_log.jsonl",
+            "eval_results.json",
+            "sparsity.safetensors",
+        ):
             assert (folder / f).exists(), folder / f
         res = json.loads((folder / "eval_results.json").read_text())
         assert 1 <= res["l0"] < 1152 / 4  # non-degenerate: far below the width
