@@ -241,6 +241,29 @@ def plan(cfg: DemoConfig) -> dict:
 # ---------------------------------------------------------------------------- the run
 
 
+def harvest_key(cfg: DemoConfig, n_tokens: int) -> dict:
+    """The settings an activation cache depends on; a cache made with others is never reused."""
+    keys = ("model", "layer", "site", "dataset", "seed", "validation_fraction", "ctx_len", "exclude_first_k")
+    return {**{k: getattr(cfg, k) for k in keys}, "n_tokens": n_tokens}
+
+
+def cache_matches(cache_dir, key: dict, overwrite: bool) -> bool:
+    """True when cache_dir holds a complete cache harvested with `key`; False when there is none (or
+    a stale one and --overwrite was given); a stale cache without --overwrite is a UsageError."""
+    manifest = Path(cache_dir) / "manifest.json"
+    if not manifest.exists():
+        return False
+    old = json.loads(manifest.read_text()).get("harvest_key")
+    if old == key:
+        return True
+    if overwrite:
+        return False
+    raise UsageError(
+        f"{cache_dir} holds activations harvested with other settings ({old}); "
+        "pass --overwrite to re-harvest, or another --save-dir"
+    )
+
+
 def activations(cfg: DemoConfig, args, model, train_texts, steps: int, out_dir: Path):
     """The iterator of [sae_batch_size, d] training batches: a streaming buffer, or an activation
     cache harvested once (or given with --from-cache) and re-read for as many epochs as needed."""
@@ -274,12 +297,15 @@ def activations(cfg: DemoConfig, args, model, train_texts, steps: int, out_dir: 
         cache_dir = cache_dir / f"rank{ctx.rank}-of-{ctx.world_size}"
     else:
         batch = cfg.sae_batch_size  # one cache read with the global batch; RankSlice below
-    if not args.from_cache and not (Path(cache_dir) / "manifest.json").exists():
+    n_tokens = cfg.tokens // ctx.world_size
+    key = harvest_key(cfg, n_tokens)
+    if not args.from_cache and not cache_matches(cache_dir, key, overwrite=args.overwrite):
         buf = ActivationBuffer(
             train_texts, model, cfg.layer, cfg.site, out_batch_size=8192, epochs=1, **common
         )
         t0 = time.time()
-        m = write_cache(buf, cache_dir, n_tokens=cfg.tokens // ctx.world_size, meta=run_meta(cfg, buf.config))
+        meta = {**run_meta(cfg, buf.config), "harvest_key": key}
+        m = write_cache(buf, cache_dir, n_tokens=n_tokens, meta=meta, overwrite=args.overwrite)
         log.info("harvested %d tokens into %s in %.0f s", m["n_tokens"], cache_dir, time.time() - t0)
     cache = ActivationCache(cache_dir, batch_size=batch, seed=cfg.seed, epochs=1)
     epochs = int(ctx.max(math.ceil(steps * batch / cache.n_tokens)))  # the ranks agree

@@ -115,6 +115,10 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert r2.returncode == 2 and "overwrite" in r2.stderr
     assert (trainers[0] / "sae_weights.safetensors").read_bytes() == before
 
+    # a cache harvested with other settings is never silently reused
+    r4 = run_demo(*[a if a != "64" else "32" for a in args])
+    assert r4.returncode == 2 and "other settings" in r4.stderr, r4.stderr[-2000:]
+
     # --eval-only re-evaluates the existing run
     r3 = run_demo("--eval-only", str(layer_dir), "--eval-tokens", "256", "--quiet")
     assert r3.returncode == 0, r3.stderr[-2000:]
