@@ -6,7 +6,7 @@ folders, Gemma Scope params.npz), so their numbers are comparable (REFERENCE.md,
 Protocol (`evaluate`; `evaluate_many` runs it for several SAEs at one hook, sharing every pass
 that does not depend on the SAE, with identical results):
 - Text: the caller passes held-out text (the CLI uses the validation split of the run's data set).
-  It is packed by `buffer.pack_texts` into [N, ctx_len] windows; the first windows holding at least
+  It is packed by `tokens.pack_texts` into [N, ctx_len] windows; the first windows holding at least
   `n_tokens` real tokens are evaluated. The selection does not depend on `batch_size`.
 - Special tokens (BOS/EOS/PAD, and the first `exclude_first_k` positions of a window; keep_mask
   False) are handled the same way everywhere:
@@ -44,7 +44,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .buffer import get_hook_module, hook_name, hook_value, pack_texts, set_hook_value
+from .buffer import get_hook_module, hook_name, hook_value, set_hook_value
+from .tokens import pack_texts
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ Run folder of one trainer: `{save_dir}/{model}/{site}_layer{L}/{trainer.name}/` 
   checkpoints/step_XXXXXXXX/                       SAE-only snapshots on a log-spaced schedule
   checkpoints/latest/                              full state: trainer.safetensors, meta.json, data_state.json
 
-Exact resume: `latest/` holds model, optimizer, schedules, step, trainer RNG, the global torch/Python
-RNGs, log accumulators and the data stream position, so interrupted + resumed == uninterrupted (same
-machine, bitwise on CPU). Data objects with state_dict()/load_state_dict() (ActivationBuffer,
+Exact resume (checkpoint.py): `latest/` holds model, optimizer, schedules, step, trainer RNG, the
+global torch/Python RNGs, log accumulators and the data stream position, so interrupted + resumed ==
+uninterrupted (same machine, bitwise on CPU). Data objects with state_dict()/load_state_dict() (ActivationBuffer,
 ActivationCache) are restored from their state; plain iterators cannot be, so resume re-creates them
 from the start and fast-forwards by skipping the batches already consumed (exact only when the
 iterator is deterministic).
@@ -22,28 +22,33 @@ trainers on the all-gathered batch); checkpoints then hold every rank's stream s
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
 import math
 import os
-import random
 import shutil
 import signal
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import distributed
 from .buffer import DataExhausted
+from .checkpoint import (
+    DataExhaustedError,
+    DataStream,
+    read_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_dir_atomic,
+)
 from .hub import HubPushError, push_to_hub  # noqa: F401  (re-exported: training.push_to_hub)
 from .trainer import JumpReluTrainer, TrainerConfig, estimate_norm_factor
 from .utils import atomic_path, git_commit, package_versions, read_json, write_json
@@ -55,10 +60,6 @@ STATUS_FILE = "status.json"
 FAILED_FILE = "FAILED.json"
 AVERAGED = ("loss", "mse", "sparsity_loss", "l0", "frac_variance_explained")  # window means in the log
 LOG_KEYS = {"frac_variance_explained": "fve", "dead_latents": "dead"}  # update() key -> log key
-
-
-class DataExhaustedError(RuntimeError):
-    """The data ran out before `steps`; a checkpoint was saved first."""
 
 
 # ---------------------------------------------------------------------------- run folders
@@ -92,130 +93,6 @@ def log_spaced_steps(steps: int, first: int = 64) -> list[int]:
 def _status(path: Path) -> dict:
     f = path / STATUS_FILE
     return read_json(f) if f.exists() else {}
-
-
-# ---------------------------------------------------------------------------- data stream
-
-
-class _Stream:
-    """The data iterator plus a look-ahead queue (the norm-estimate batches), counting the batches
-    handed out so that its position can be saved and restored exactly."""
-
-    def __init__(self, data):
-        self.data = data
-        self.stateful = all(callable(getattr(data, a, None)) for a in ("state_dict", "load_state_dict"))
-        self._it: Iterator | None = None
-        self.queue: deque = deque()
-        self.consumed = 0  # batches handed to the training loop
-        self.anchor: tuple[dict, int] | None = None  # data state before the queued batches were pulled
-
-    def _pull(self):
-        if self._it is None:
-            self._it = iter(self.data)
-        return next(self._it)
-
-    def prefetch(self, n: int) -> list[torch.Tensor]:
-        if self.stateful and not self.queue:
-            self.anchor = (copy.deepcopy(self.data.state_dict()), self.consumed)
-        while len(self.queue) < n:
-            self.queue.append(self._pull())
-        return list(self.queue)
-
-    def __next__(self) -> torch.Tensor:
-        x = self.queue.popleft() if self.queue else self._pull()
-        self.consumed += 1
-        return x
-
-    def state(self) -> dict:
-        if not self.stateful:
-            return {"kind": "skip", "consumed": self.consumed}
-        # with batches queued, the data object is ahead of us: save the anchor plus a skip count
-        state, at = self.anchor if self.queue else (self.data.state_dict(), self.consumed)
-        return {"kind": "state_dict", "state": state, "skip": self.consumed - at, "consumed": self.consumed}
-
-    def restore(self, st: dict) -> None:
-        if st["kind"] == "state_dict":
-            if not self.stateful:
-                raise ValueError("checkpoint data_state.json needs a data object with load_state_dict()")
-            self.data.load_state_dict(st["state"])
-            skip = st["skip"]
-        else:
-            skip = st["consumed"]
-            log.info("data has no state_dict(): fast-forwarding %d consumed batches", skip)
-        for i in range(skip):
-            try:
-                self._pull()
-            except (StopIteration, DataExhausted):
-                raise DataExhaustedError(f"resume: data ran out while skipping batch {i} of {skip}") from None
-        self.consumed = st["consumed"]
-
-
-# ---------------------------------------------------------------------------- checkpoints
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_dir_atomic(final: Path, write) -> None:
-    """Call write(tmp) on a fresh `final.tmp-<pid>` folder, fsync it, then swap it in by renames:
-    final -> final.old, tmp -> final, remove final.old. A kill at any moment leaves `final` or
-    `final.old` complete (read_checkpoint falls back to `.old`)."""
-    final = Path(final)
-    tmp, old = final.with_name(f"{final.name}.tmp-{os.getpid()}"), final.with_name(f"{final.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    for p in [*tmp.rglob("*"), tmp]:
-        _fsync(p)
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)  # final exists, so any .old is stale
-        os.rename(final, old)
-    os.rename(tmp, final)
-    _fsync(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_checkpoint(path: Path, trainer, loop: dict, data_state: dict) -> None:
-    """Full state of one trainer at `loop['step']` completed steps into folder `path` (atomic)."""
-    tensors, meta = trainer.state_dict()
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-
-    def write(tmp: Path) -> None:
-        save_file(tensors, tmp / "trainer.safetensors")
-        (tmp / "data_state.json").write_text(json.dumps(data_state))
-        (tmp / "meta.json").write_text(json.dumps({"trainer": meta, "loop": loop}, indent=1))  # last
-
-    write_dir_atomic(path, write)
-
-
-def read_checkpoint(path: Path) -> tuple[dict, dict, dict, dict] | None:
-    """(trainer tensors, trainer meta, loop state, data state) from `path` or `path.old`, else None."""
-    for p in (Path(path), Path(path).with_name(Path(path).name + ".old")):
-        if (p / "meta.json").exists():
-            meta = read_json(p / "meta.json")
-            tensors = load_file(p / "trainer.safetensors")
-            return tensors, meta["trainer"], meta["loop"], read_json(p / "data_state.json")
-    return None
-
-
-def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state().tolist(), "python": list(random.getstate())}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
-    v, inner, gauss = st["python"]
-    random.setstate((v, tuple(inner), gauss))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
 
 
 # ---------------------------------------------------------------------------- one trainer's run
@@ -420,12 +297,12 @@ def trainSAE(
     ckpts = ctx.open_runs(_open_runs, runs, resume, overwrite)
     if not ctx.any(any(r.active for r in runs)):
         return ctx.finish([str(r.dir) for r in runs if _status(r.dir).get("status") == "done"])
-    stream, tokens = _Stream(data), 0
+    stream, tokens = DataStream(data), 0
     here = [ckpts[i][2]["step"] if i in ckpts else 0 for i, r in enumerate(runs) if r.active]
     start, point = ctx.resume_point(min(here, default=None), ckpts)  # least advanced trainer (all ranks)
     if start > 0:  # the stream goes back to the least advanced trainer's position; then the RNGs
         stream.restore(point["data"])
-        _set_rng_state(point["rng"])
+        set_rng_state(point["rng"])
         tokens = point["tokens"]
         log.info("resuming at step %d of %d (%d tokens done)", start, steps, tokens)
 
@@ -477,7 +354,7 @@ def trainSAE(
             )  # fmt: skip
 
     def checkpoint(step: int) -> None:
-        ds, rng = stream.state(), _rng_state()
+        ds, rng = stream.state(), rng_state()
         ds = ctx.checkpoint_state(ds, rng)  # distributed: every rank's stream state and RNGs
         for r in runs:
             if r.active and step >= r.start and writes:

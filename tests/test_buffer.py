@@ -1,4 +1,4 @@
-"""ActivationBuffer, hook points and tokenization, checked against plain transformers forwards.
+"""ActivationBuffer, hook points and tokenization (tokens.py), checked against plain transformers forwards.
 
 Tiny random Llama / Gemma-2 / GPT-2 / GPT-NeoX models (hidden 32, 3 layers) with the SmolLM2
 tokenizer; one small test on the embedded SmolLM2-135M.
@@ -19,11 +19,9 @@ from dictionary_learning.buffer import (
     get_layers,
     hook_name,
     hook_value,
-    pack_texts,
-    pad_texts,
-    position_ids,
     set_hook_value,
 )
+from dictionary_learning.tokens import pack_texts, pad_texts, position_ids
 from dictionary_learning.utils import prepare_embedded_model
 
 TEXTS = [
@@ -52,32 +50,14 @@ def bos_tok():
 
 def tiny(arch: str, tok, n_layers: int = 3):
     V = len(tok)
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers)
     cfg = {
-        "llama": lambda: transformers.LlamaConfig(
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        ),
+        "llama": lambda: transformers.LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=2),
         "gemma2": lambda: transformers.Gemma2Config(
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
+            **common, num_attention_heads=4, num_key_value_heads=2, head_dim=8
         ),
         "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=n_layers, n_head=4),
-        "neox": lambda: transformers.GPTNeoXConfig(
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-        ),
+        "neox": lambda: transformers.GPTNeoXConfig(**common, num_attention_heads=4),
     }[arch]()
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()

@@ -21,9 +21,12 @@ import torch
 from safetensors.torch import load_file
 
 from dictionary_learning import distributed
-from dictionary_learning.distributed import DataParallelTrainer, RankSlice, shard
+from dictionary_learning.data_parallel import DataParallelTrainer
+from dictionary_learning.distributed import RankSlice, shard
 from dictionary_learning.trainer import JumpReluTrainer, TrainerConfig
 from dictionary_learning.training import layer_dir, trainSAE
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 D, M, GLOBAL_B, STEPS = 16, 64, 64, 24
 META = {"model": "org/tiny-model", "layer": 3, "site": "resid_post", "hook": "blocks.3.hook_resid_post",
@@ -82,14 +85,6 @@ def assert_close_runs(a, b, exact=False):
 
 def log_lines(run_dir):
     return [json.loads(ln) for ln in (Path(run_dir) / "training_log.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------- 2 processes

@@ -19,6 +19,8 @@ import torch
 from dictionary_learning import evaluation as ev
 from dictionary_learning.dictionary import JumpReluAutoEncoder
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 D, LAYER = 32, 1
 TEXTS = [
     f"Patient {i} presented with {['fever', 'cough', 'chest pain', 'headache', 'nausea'][i % 5]} for "
@@ -30,15 +32,6 @@ KW = dict(n_tokens=600, batch_size=4, ctx_len=32, progress=False)
 
 
 # ---------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls run ~30x faster on one thread than on an oversubscribed shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_tokenizer():
@@ -244,7 +237,8 @@ def test_dead_latents_and_sparsity_counts(tiny_model, tmp_path):
 def test_splice_matches_a_manual_forward_hook(tiny_model, site):
     """The nnsight splice equals replacing the same activation with a plain torch hook, and leaves
     no edit behind (the next clean run is clean)."""
-    from dictionary_learning.buffer import get_hook_module, pack_texts
+    from dictionary_learning.buffer import get_hook_module
+    from dictionary_learning.tokens import pack_texts
 
     ids, keep = pack_texts(TEXTS[:8], tiny_model.tokenizer, 32)
     ids, keep = ids[:3], keep[:3]
@@ -289,7 +283,7 @@ def test_only_real_positions_are_patched_and_mean_is_over_real_tokens(tiny_model
 
     monkeypatch.setattr(ev, "traced_forward", spy)
     r = ev.evaluate(random_sae(), tiny_model, LAYER, "resid_post", TEXTS, **KW)
-    from dictionary_learning.buffer import keep_mask_for
+    from dictionary_learning.tokens import keep_mask_for
 
     clean = [(ids, a) for ids, a, rep, stop in calls if rep is None and not stop]
     patched = [(ids, rep) for ids, a, rep, stop in calls if rep is not None]

@@ -22,17 +22,18 @@ import torch
 from safetensors.torch import load_file
 
 from dictionary_learning.buffer import DataExhausted
+from dictionary_learning.checkpoint import read_checkpoint, save_checkpoint, write_dir_atomic
 from dictionary_learning.dictionary import JumpReluAutoEncoder
 from dictionary_learning.trainer import JumpReluTrainer, TrainerConfig
 from dictionary_learning.training import (
     DataExhaustedError,
     layer_dir,
     log_spaced_steps,
-    read_checkpoint,
     sanitize,
     trainSAE,
-    write_dir_atomic,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 D, M, B = 16, 64, 32
 META = {"model": "org/tiny-model", "layer": 3, "site": "resid_post", "hook": "blocks.3.hook_resid_post",
@@ -96,15 +97,6 @@ def assert_same_run(a, b):
     for k in ta:
         assert torch.equal(ta[k], tb[k]), f"{k} differs between {a} and {b}"
     assert (Path(a) / "training_log.jsonl").read_text() == (Path(b) / "training_log.jsonl").read_text()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 shared CPU cores: torch's thread pool spinning under load makes tiny steps 50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------- subprocess runs
@@ -418,8 +410,6 @@ def test_checkpoint_swap_survives_a_kill_at_any_point(tmp_path):
     assert not (tmp_path / "latest.old").exists()
     # killed between `latest -> latest.old` and `tmp -> latest`: the reader falls back to .old
     trainer = JumpReluTrainer(configs(1)[0])
-    from dictionary_learning.training import save_checkpoint
-
     save_checkpoint(tmp_path / "ck" / "latest", trainer, {"step": 3}, {"kind": "skip", "consumed": 3})
     os.rename(tmp_path / "ck" / "latest", tmp_path / "ck" / "latest.old")
     (tmp_path / "ck" / "latest.tmp-999").mkdir()  # a half-written one from the killed process

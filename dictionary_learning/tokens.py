@@ -1,0 +1,313 @@
+"""Texts -> token ids for the language model: text sources, tokenization, packing and padding.
+
+Packing rule (pack=True, the default): every text is tokenized without special tokens
+and given ONE separator, then all texts are concatenated and cut into full ctx_len windows:
+  - tokenizers that add BOS themselves (Gemma, Llama-3):  [BOS] + text
+  - tokenizers that add no BOS (SmolLM2, GPT-2, Pythia):  text + [EOS]
+A text longer than a window continues in the next one; no compute is spent on padding
+(only the very last window of the data is right-padded). Windows do not start with BOS,
+so the first position of a window is often an attention sink: see `exclude_first_k`.
+BOS, EOS and PAD positions (by token id) are never yielded (keep_mask False).
+
+Padding (pack=False): one row per text, truncated to ctx_len and padded on either side.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# ---------------------------------------------------------------------------- tokenization
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front of a text itself (Gemma: yes; SmolLM2, GPT-2: no)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def special_ids(tokenizer) -> list[int]:
+    """The BOS/EOS/PAD token ids (never yielded as activations)."""
+    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    return sorted(i for i in ids if i is not None)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither a PAD nor an EOS token")
+    return pad
+
+
+def _check_text(text, index) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"record {index}: `text` is {type(text).__name__}, expected str")
+    return text
+
+
+def separated_ids(tokenizer, text: str, bos_first: bool | None = None) -> list[int]:
+    """Token ids of one text with its packing separator (see the module docstring); [] if empty."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    if not ids:
+        return []
+    bos_first = adds_bos(tokenizer) if bos_first is None else bos_first
+    if bos_first:
+        return [tokenizer.bos_token_id, *ids]
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} adds no BOS and has no EOS: cannot separate texts"
+        )
+    return [*ids, tokenizer.eos_token_id]
+
+
+def keep_mask_for(input_ids: torch.Tensor, tokenizer, attention_mask=None, exclude_first_k: int = 0):
+    """BoolTensor like input_ids [N, T]: False at BOS/EOS/PAD ids, masked-out positions and the
+    first `exclude_first_k` real positions of each row (counted from the first real token, so
+    it is right for either padding side)."""
+    keep = ~torch.isin(input_ids, torch.tensor(special_ids(tokenizer), device=input_ids.device))
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        keep &= real
+    else:
+        real = torch.ones_like(keep)
+    if exclude_first_k > 0:
+        keep &= real.long().cumsum(-1) > exclude_first_k
+    return keep
+
+
+def pack_texts(texts, tokenizer, ctx_len: int, exclude_first_k: int = 0, drop_last: bool = False):
+    """Pack texts into windows -> (input_ids LongTensor [N, ctx_len], keep_mask BoolTensor [N, ctx_len]).
+
+    Texts are separated by BOS/EOS (module docstring) and concatenated; a text longer than a
+    window continues in the next one. Empty texts are skipped. The last partial window is
+    right-padded with PAD (masked out of keep_mask; under causal attention right padding does
+    not change earlier positions) or dropped with drop_last=True.
+    """
+    if ctx_len < 1:
+        raise ValueError(f"ctx_len must be >= 1, got {ctx_len}")
+    bos_first = adds_bos(tokenizer)
+    flat: list[int] = []
+    for i, text in enumerate(texts):
+        flat.extend(separated_ids(tokenizer, _check_text(text, i), bos_first))
+    n_full, rest = divmod(len(flat), ctx_len)
+    if rest and not drop_last:
+        flat.extend([_pad_id(tokenizer)] * (ctx_len - rest))
+        n_full += 1
+    ids = torch.tensor(flat[: n_full * ctx_len], dtype=torch.long).view(n_full, ctx_len)
+    keep = keep_mask_for(ids, tokenizer, exclude_first_k=exclude_first_k)
+    if rest and not drop_last:
+        keep[-1, rest:] = False  # the padding tail, even if PAD is not a special id
+    return ids, keep
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """position_ids [N, T] for a padded batch: each row counts from its first real token, so a
+    left-padded text gets the same positions as unpadded (pad positions get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def pad_texts(texts, tokenizer, ctx_len: int, padding_side: str = "left", exclude_first_k: int = 0):
+    """One row per text -> (input_ids [N, T], attention_mask [N, T], keep_mask [N, T]), T = the
+    longest text (<= ctx_len) in tokens.
+
+    Each text is tokenized with the tokenizer's own special tokens (BOS for Gemma), truncated to
+    ctx_len tokens and padded on `padding_side`. Left padding needs position_ids(attention_mask)
+    in the forward pass. Empty texts are an error (a row of pure padding has no meaning).
+    """
+    if ctx_len < 1:
+        raise ValueError(f"ctx_len must be >= 1, got {ctx_len}")
+    texts = [_check_text(t, i) for i, t in enumerate(texts)]
+    rows = tokenizer(texts)["input_ids"] if texts else []
+    for i, ids in enumerate(rows):
+        if not texts[i] or not ids:
+            raise ValueError(f"record {i}: empty text")
+    return _collate([r[:ctx_len] for r in rows], tokenizer, padding_side, exclude_first_k)
+
+
+def _collate(rows: list[list[int]], tokenizer, padding_side: str, exclude_first_k: int = 0):
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    width = max((len(r) for r in rows), default=0)
+    pad = _pad_id(tokenizer)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
+        ids[i, sl] = torch.tensor(r, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask, keep_mask_for(ids, tokenizer, mask, exclude_first_k)
+
+
+# ---------------------------------------------------------------------------- text stream
+
+
+class TextSource:
+    """Restartable text access: a datasets.Dataset with a `text` column, a list of strings, a
+    .jsonl (field `text`) / .txt (one text per line) path, or a one-shot iterable of strings
+    (which cannot be re-streamed: no epochs > 1, no load_state_dict)."""
+
+    def __init__(self, data):
+        self.data, self.kind, self._pos = data, None, 0
+        if isinstance(data, (str, Path)):
+            self.data = Path(data)
+            if self.data.suffix not in (".jsonl", ".txt") or not self.data.is_file():
+                raise ValueError(
+                    f"{data}: not a .jsonl or .txt file (use dataset.load_texts for other sources)"
+                )
+            self.kind = "file"
+        elif isinstance(data, (list, tuple)):
+            self.kind = "list"
+        elif hasattr(data, "column_names") and hasattr(data, "__len__"):
+            if "text" not in data.column_names:
+                raise ValueError(f"dataset has no `text` column (columns: {data.column_names})")
+            self.kind = "dataset"
+        elif hasattr(data, "__iter__"):
+            self.kind, self.data = "iter", iter(data)
+        else:
+            raise ValueError(
+                f"unsupported data of type {type(data).__name__}: pass a Dataset, list, path or iterable"
+            )
+
+    def iter_from(self, start: int):
+        """Yield (index, text) from record `start` on."""
+        if self.kind == "list":
+            yield from ((i, self.data[i]) for i in range(start, len(self.data)))
+        elif self.kind == "dataset":
+            for lo in range(start, len(self.data), 256):
+                yield from enumerate(self.data[lo : lo + 256]["text"], start=lo)
+        elif self.kind == "file":
+            with open(self.data, encoding="utf-8") as f:
+                for i, line in enumerate(f):
+                    if i >= start:
+                        yield i, self._parse(line, i)
+        else:
+            if start != self._pos:
+                raise ValueError(
+                    "cannot re-stream a one-shot iterator (epochs > 1 or load_state_dict): "
+                    "pass a list, a Dataset or a file path"
+                )
+            for text in self.data:  # rows of an IterableDataset are dicts
+                self._pos += 1
+                yield self._pos - 1, text.get("text") if isinstance(text, dict) else text
+
+    def _parse(self, line: str, i: int):
+        if self.data.suffix == ".txt":
+            return line.rstrip("\n")
+        if not line.strip():
+            return ""
+        try:
+            return json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{self.data}:{i + 1}: not a JSON object with a `text` field ({e})") from None
+
+
+class TokenStream:
+    """Turns texts into model-input batches (packed windows or padded texts), tracking a
+    position that can be saved and restored exactly: (epoch, text index, token offset).
+
+    cfg: the fields ctx_len, pack, padding_side, exclude_first_k, epochs of a buffer.BufferConfig."""
+
+    def __init__(self, source: TextSource, tokenizer, cfg):
+        self.source, self.tok, self.cfg = source, tokenizer, cfg
+        self.bos_first = adds_bos(tokenizer)
+        self.restore(
+            dict(
+                epoch=0,
+                text=0,
+                offset=0,
+                texts_consumed=0,
+                texts_skipped=0,
+                texts_truncated=0,
+                tokens_truncated=0,
+                contexts=0,
+            )
+        )
+
+    def state(self) -> dict:
+        return dict(self.st)
+
+    def restore(self, st: dict) -> None:
+        self.st, self._it, self._cur = dict(st), None, None
+        self.ended = self.cfg.epochs is not None and st["epoch"] >= self.cfg.epochs
+        self._epoch_tokens = 1 if st["text"] or st["offset"] else 0  # resumed mid-epoch: data is not empty
+
+    def _next_ids(self) -> list[int] | None:
+        """Token ids of the next non-empty text (packed: with separator; padded: truncated),
+        or None at the end of the last epoch. Skipped empty texts are counted."""
+        while True:
+            if self._it is None:
+                self._it = self.source.iter_from(self.st["text"])
+            item = next(self._it, None)
+            if item is None:
+                if self._epoch_tokens == 0:
+                    raise ValueError("no usable text in the data (all records empty?)")
+                self.st.update(epoch=self.st["epoch"] + 1, text=0, offset=0)
+                self._it, self._epoch_tokens = None, 0
+                if self.cfg.epochs is not None and self.st["epoch"] >= self.cfg.epochs:
+                    self.ended = True
+                    return None
+                continue
+            i, text = item
+            if self.cfg.pack:
+                ids = separated_ids(self.tok, _check_text(text, i), self.bos_first)
+            else:
+                ids = self.tok(_check_text(text, i))["input_ids"] if text else []
+                if len(ids) > self.cfg.ctx_len:
+                    self.st["texts_truncated"] += 1
+                    self.st["tokens_truncated"] += len(ids) - self.cfg.ctx_len
+                ids = ids[: self.cfg.ctx_len]
+            if not ids:
+                self.st.update(
+                    text=i + 1,
+                    texts_skipped=self.st["texts_skipped"] + 1,
+                    texts_consumed=self.st["texts_consumed"] + 1,
+                )
+                continue
+            self._epoch_tokens += len(ids)
+            return ids
+
+    def _take(self, n: int) -> list[int]:
+        """Up to n tokens of the current text (advancing the position)."""
+        if self._cur is None:
+            self._cur = self._next_ids()
+            if self._cur is None:
+                return []
+        off = self.st["offset"]
+        out = self._cur[off : off + n]
+        if off + len(out) >= len(self._cur):
+            self._cur = None
+            self.st.update(text=self.st["text"] + 1, offset=0, texts_consumed=self.st["texts_consumed"] + 1)
+        else:
+            self.st["offset"] = off + len(out)
+        return out
+
+    def next_batch(self, n: int):
+        """Up to n contexts -> (input_ids [b, T], attention_mask [b, T] | None, keep [b, T],
+        positions [b, T] (counted from each row's first real token), first context number),
+        or None when the data has ended."""
+        cfg, rows = self.cfg, []
+        while len(rows) < n and not self.ended:
+            if cfg.pack:
+                row = []
+                while len(row) < cfg.ctx_len and not self.ended:
+                    row += self._take(cfg.ctx_len - len(row))
+            else:
+                row = self._take(cfg.ctx_len)
+            if row:
+                rows.append(row)
+        if not rows:
+            return None
+        first = self.st["contexts"]
+        self.st["contexts"] += len(rows)
+        if not cfg.pack:
+            ids, mask, keep = _collate(rows, self.tok, cfg.padding_side, cfg.exclude_first_k)
+            return ids, mask, keep, position_ids(mask), first
+        real = torch.tensor([len(r) for r in rows])
+        ids = torch.full((len(rows), cfg.ctx_len), _pad_id(self.tok), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        keep = keep_mask_for(ids, self.tok, exclude_first_k=cfg.exclude_first_k)
+        keep &= torch.arange(cfg.ctx_len) < real[:, None]  # right-padded tail of the last window
+        return ids, None, keep, torch.arange(cfg.ctx_len).expand_as(ids), first
