@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from dictionary_learning.utils import atomic_path, dtype_name, parse_dtype, read_json, write_json
+from .utils import atomic_path, dtype_name, parse_dtype, read_json, write_json
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "config.json"  # ours
