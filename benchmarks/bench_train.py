@@ -1,13 +1,13 @@
 """Benchmark one JumpReluTrainer.update at L0 ~ 64 against a dense GEMM floor and dense autograd.
 
     python benchmarks/bench_train.py --json            # prints ONE JSON object
+    python benchmarks/bench_train.py --crossover --configs 576,4608,1024   # where 'auto' should switch
 
 For each config (d, m, batch), fp32 on CPU, each measurement in a fresh subprocess run with
 OMP_WAIT_POLICY=PASSIVE (timings with OpenMP's default spinning wait policy are reported as well):
   step_ms        median time of trainer.update (sparse backward once L0 is low)
   floor_ms       one dense [B, d] @ [d, m] GEMM, timed in the same process, interleaved with the steps
-  dense_ms       the same update with backward="dense" (plain autograd through the JumpReLU/Step
-                 functions), same process
+  dense_ms       the same update with backward="dense" (grads.dense_grads: [B, m] GEMMs), same process
   peak_rss_mb    peak RSS during updates in a fresh process that only builds the trainer and trains
                  (set-up garbage is trimmed and VmHWM reset first); baseline_rss_mb is the RSS before
                  the trainer exists (interpreter, torch and its optimiser modules, the input batch); net = peak − baseline is
@@ -110,6 +110,39 @@ def worker_timing(d: int, m: int, B: int, reps: int) -> dict:
     }
 
 
+DENSITIES = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
+
+
+def worker_crossover(d: int, m: int, B: int, reps: int) -> dict:
+    """compute_grads time of the sparse and the dense path at several densities (fraction of the B·m
+    pairs active, θ set per latent to a quantile of its pre-activations on this batch), and the
+    density where they cross (linear interpolation): where 'auto' should switch."""
+    trainer, x = _make(d, m, B, "auto")
+    ae = trainer.ae
+    with torch.no_grad():
+        pre = ae.pre_activations(x)
+    rows = []
+    for rho in DENSITIES:
+        with torch.no_grad():
+            ae.threshold.copy_(torch.quantile(pre, 1 - rho, dim=0).clamp_min(0))
+        t = {}
+        for kind in ("sparse", "dense"):
+            trainer.compute_grads(x, 1.0, backward=kind)  # warm-up
+            t[kind] = _median_ms(
+                lambda kind=kind: trainer.compute_grads(x, 1.0, backward=kind), max(3, reps // 3)
+            )
+        rows.append({"density": rho, "sparse_ms": round(t["sparse"], 1), "dense_ms": round(t["dense"], 1)})
+    cross = None
+    for a, b in zip(rows, rows[1:]):
+        da, db = a["sparse_ms"] - a["dense_ms"], b["sparse_ms"] - b["dense_ms"]
+        if da <= 0 < db:
+            cross = round(a["density"] + (b["density"] - a["density"]) * -da / (db - da), 3)
+            break
+    if cross is None and rows[-1]["sparse_ms"] <= rows[-1]["dense_ms"]:
+        cross = f">{DENSITIES[-1]}"
+    return {"crossover_density": cross, "by_density": rows}
+
+
 def _trim_and_reset_peak() -> None:
     """Return freed heap to the OS (glibc malloc_trim) and reset VmHWM (Linux clear_refs 5), so the
     peak that follows is the training loop's, not the set-up's (init, threshold calibration)."""
@@ -168,15 +201,29 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--configs", default=";".join(f"{d},{m},{b}" for d, m, b in CONFIGS),
                     help="'d,m,batch;d,m,batch'")  # fmt: skip
-    ap.add_argument("--worker", choices=["timing", "rss"], help=argparse.SUPPRESS)
+    ap.add_argument("--crossover", action="store_true",
+                    help="instead: sparse vs dense compute_grads time by density, and the crossover")  # fmt: skip
+    ap.add_argument("--worker", choices=["timing", "rss", "crossover"], help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     if args.worker:
         d, m, B = (int(v) for v in args.shape.split(","))
-        out = worker_timing(d, m, B, args.reps) if args.worker == "timing" else worker_rss(d, m, B, 4)
+        if args.worker == "timing":
+            out = worker_timing(d, m, B, args.reps)
+        elif args.worker == "rss":
+            out = worker_rss(d, m, B, 4)
+        else:
+            out = worker_crossover(d, m, B, args.reps)
         print(json.dumps(out))
+        return
+    if args.crossover:
+        res = {}
+        for spec in args.configs.split(";"):
+            d, m, B = (int(v) for v in spec.split(","))
+            res[f"d{d}_m{m}_b{B}"] = run_worker("crossover", d, m, B, args, {"OMP_WAIT_POLICY": "PASSIVE"})
+        print(json.dumps({"crossover": res, "meta": {"threads": args.threads, "torch": torch.__version__}}))
         return
     results = {}
     passive = {"OMP_WAIT_POLICY": "PASSIVE"}

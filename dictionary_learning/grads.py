@@ -1,4 +1,5 @@
-"""Loss and gradients of one JumpReLU SAE batch, written out by hand (no autograd graph).
+"""One JumpReLU SAE training step's math: loss and gradients written out by hand (no autograd
+graph), and the optimiser step that applies them (trainer.py holds the state and wires these up).
 
     L = ‖x − x̂‖² (sum over d, mean over B) + S(L0),   x̂ = f @ W_dec + b_dec,  f = z·H(z − θ),
     z = x @ W_enc + b_enc,  L0 = (1/B) Σ H(z − θ)        (Rajamanoharan et al. 2024, eq. 11)
@@ -21,7 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from dictionary_learning.jumprelu import _kernel, jumprelu, reconstruction_loss, step
+from .jumprelu import jumprelu, kernel, reconstruction_loss, step
 
 SparsityFn = Callable[[torch.Tensor], torch.Tensor]  # scalar L0 tensor -> sparsity loss
 
@@ -57,20 +58,25 @@ def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
     return words.index_select(0, sub[:, 0]).mul_(8).add_(sub[:, 1])
 
 
-def candidates(xW: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor | None = None, chunk_bytes: int = 1 << 21):
+def candidates(xW: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor | None = None,
+               max_count: float | None = None, chunk_bytes: int = 1 << 21) -> torch.Tensor | None:  # fmt: skip
     """Flat indices (ascending, int64) of the entries of xW [B, m] with lo < xW (and xW < hi), lo and
-    hi [m]; a few rows at a time so the bool masks stay in cache (no [B, m] mask)."""
+    hi [m]; a few rows at a time so the bool masks stay in cache (no [B, m] mask). None as soon as
+    more than max_count are found."""
     B, m = xW.shape
     rows = max(1, min(B, chunk_bytes // m))
     buf = torch.empty(rows, m, dtype=torch.bool, device=xW.device)
     buf2 = None if hi is None else torch.empty_like(buf)
-    out = []
+    out, n = [], 0
     for r in range(0, B, rows):
         part = xW[r : r + rows]
         mask = torch.gt(part, lo, out=buf[: part.shape[0]])
         if hi is not None:
             mask &= torch.lt(part, hi, out=buf2[: part.shape[0]])
         out.append(flat_nonzero(mask).add_(r * m))
+        n += out[-1].numel()
+        if max_count is not None and n > max_count:
+            return None
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
@@ -82,12 +88,21 @@ def _split(flat: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, flat.sub_(rows * m)
 
 
-def _latent_bags(offsets, rows, weights, src, out=None):
-    """[m, d] = Σ over each latent's pairs of weight · src[row]; offsets [m + 1] (CSR over latents),
-    rows, weights [n], src [B, d]. Into `out` by a CSR matmul if given, else embedding_bag."""
+def _bags(offsets, idx, weights, src, out=None, block_bytes: int = 1 << 21):
+    """Weighted sums of rows of src [N, d]: bag i = Σ_{p in offsets[i]:offsets[i+1]} weights[p] ·
+    src[idx[p]] -> [len(offsets) − 1, d]. Into `out` if given, a block of bags at a time (embedding_bag
+    has no out=; small blocks mean no fresh [bags, d] tensor per step: no page faults, and glibc's
+    heap does not grow, as it does once a multi-MB block is freed every step)."""
     if out is None:
-        return F.embedding_bag(rows, src, offsets[:-1], mode="sum", per_sample_weights=weights)
-    return torch.addmm(out, _csr(offsets, rows, weights, (out.shape[0], src.shape[0])), src, beta=0.0, out=out)
+        return F.embedding_bag(idx, src, offsets[:-1], mode="sum", per_sample_weights=weights)
+    n_bags, d = out.shape
+    step = max(1, block_bytes // (src.element_size() * d))
+    for i in range(0, n_bags, step):
+        j = min(i + step, n_bags)
+        s, e = int(offsets[i]), int(offsets[j])
+        part = F.embedding_bag(idx[s:e], src, offsets[i:j] - s, mode="sum", per_sample_weights=weights[s:e])
+        out[i:j].copy_(part)
+    return out
 
 
 def _csr(crow, col, values, shape):
@@ -111,7 +126,7 @@ def _sparsity(sparsity_fn: SparsityFn, n_active: float, B: int, device) -> tuple
 def _threshold_grad(z, th, g_f, cols, threshold, bandwidth, dsp_dl0, B) -> torch.Tensor:
     """∂L/∂θ [m] from pairs (z, θ_j, ∂L/∂f) [n] of latents `cols`: JumpReLU −(θ/ε)·K·∂L/∂f plus
     Step −(1/ε)·K·∂L/∂H with ∂L/∂H = S'(L0)/B. Pairs outside the kernel window add 0."""
-    k = _kernel(z, th, bandwidth)  # K((z − θ)/ε), exactly as the autograd functions compute it
+    k = kernel(z, th, bandwidth)  # K((z − θ)/ε), exactly as the autograd functions compute it
     g = k.mul_(-(th / bandwidth) * g_f - dsp_dl0.to(k.dtype) / (bandwidth * B))
     return torch.zeros_like(threshold).index_add_(0, cols, g)
 
@@ -123,6 +138,28 @@ def _reconstruction(x: torch.Tensor, x_hat: torch.Tensor, err_out: torch.Tensor 
     return mse, err.mean(0), err.mul_(2.0 / x.shape[0])
 
 
+# ---------------------------------------------------------------------------- step statistics
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 1 << 20) -> torch.Tensor:
+    """Row-wise dot products of a, b [m, d] -> [m], a block of rows at a time (no [m, d] temporary)."""
+    out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
+    rows = max(1, chunk_elems // max(1, a.shape[1]))
+    for r in range(0, a.shape[0], rows):
+        torch.linalg.vecdot(a[r : r + rows], b[r : r + rows], out=out[r : r + rows])
+    return out
+
+
+def frac_variance_explained(x: torch.Tensor, mean_err: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
+    """1 − Σ_d Var(x − x̂) / Σ_d Var(x), pooled over the batch, from mse = E‖x − x̂‖² and
+    mean_err = E(x̂ − x) [d], using Σ_d Var(v) = E‖v‖² − ‖E v‖². x [B, d] -> scalar."""
+    x = x.float()
+    var_err = mse - mean_err.dot(mean_err)
+    mean_x = x.mean(0)
+    var_x = x.reshape(-1).dot(x.reshape(-1)) / x.shape[0] - mean_x.dot(mean_x)
+    return 1 - var_err / var_x.clamp_min(1e-30)
+
+
 # ---------------------------------------------------------------------------- the three ways
 
 
@@ -132,16 +169,16 @@ def sparse_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: 
     """Touches only the pairs with z > θ − ε/2; returns None (xW untouched) when more than
     `max_density` of the B·m pairs are such candidates. Shapes: x [B, d], xW [B, m] fp32, b_enc [m],
     W_dec [m, d], b_dec [d], threshold [m]. `out` may hold [m, d] tensors "W_dec" and "W_enc_t" to
-    write those gradients into (worth it when [m, d] is large: a fresh tensor costs page faults).
+    write those gradients into (last step's: no fresh [m, d] tensors, no page faults, no heap churn).
     Decode with embedding_bag, ∂L/∂f by a sampled matmul (SDDMM) at the pairs, and the W_dec / W_enc
     gradients as per-latent bags; xW's storage is reused for ∂L/∂x̂ once the pairs are read."""
     B, m = xW.shape
     eps = bandwidth
     # Candidates z > θ − ε/2 (slack for rounding): every active pair (z > θ) and the kernel window.
     lo = threshold - b_enc - eps / 2 - 1e-6 * (threshold.abs() + b_enc.abs() + eps)
-    flat = candidates(xW, lo)  # [n] row-major, so sorted by token
-    if max_density is not None and flat.numel() > max_density * B * m:
-        return None
+    flat = candidates(xW, lo, max_count=None if max_density is None else max_density * B * m)
+    if flat is None:
+        return None  # [n] row-major below, so sorted by token
     z = xW.reshape(-1).index_select(0, flat)
     rows, cols = _split(flat, m)
     del flat
@@ -151,14 +188,120 @@ def sparse_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: 
     f = z * active  # feature values (0 at inactive candidates: those only matter for θ)
     t_offsets = _offsets(rows, B)  # CSR pointers over tokens
 
-    x_hat = F.embedding_bag(cols, W_dec, t_offsets[:-1], mode="sum", per_sample_weights=f).add_(b_dec)
-    arena = xW.reshape(-1)[: B * x.shape[1]].view_as(x) if m >= x.shape[1] else None  # xW is dead now
-    mse, mean_err, g_xhat = _reconstruction(x, x_hat, arena)
+    # xW is dead from here on: x̂ and ∂L/∂x̂ [B, d] go into its storage when it has room.
+    d = x.shape[1]
+    arena = xW.reshape(-1)[: 2 * B * d].view(2, B, d) if m >= 2 * d else [None, None]
+    x_hat = _bags(t_offsets, cols, f, W_dec, arena[0]).add_(b_dec)  # x̂_b = Σ_j f_bj W_dec_j + b_dec
+    mse, mean_err, g_xhat = _reconstruction(x, x_hat, arena[1])
     l0, sp, dsp_dl0 = _sparsity(sparsity_fn, float(active.sum()), B, x.device)
 
     # ∂L/∂f_bj = W_dec_j · ∂L/∂x̂_b at every candidate, in token order.
     g_f = torch.sparse.sampled_addmm(_csr(t_offsets, cols, z, (B, m)), g_xhat, W_dec.T, beta=0.0).values()
-    g_z = g_f.mul_(active) if True else None  # ∂f/∂z = H(z − θ); the step passes nothing to z
-    g_threshold = _threshold_grad(z, th, g_f_window := g_f, cols, threshold, eps, dsp_dl0, B) if False else None
-    del g_f_window
-    raise NotImplementedError
+    g_threshold = _threshold_grad(z, th, g_f, cols, threshold, eps, dsp_dl0, B)
+    g_z = g_f.mul_(active)  # ∂f/∂z = H(z − θ); the step passes nothing to z
+    g_b_enc = torch.zeros_like(b_enc).index_add_(0, cols, g_z)
+    fired = torch.zeros(m, dtype=torch.int32, device=x.device).index_add_(0, cols, active.int()) > 0
+    del z, th, t_offsets
+
+    # Per-latent bags: pairs re-sorted by latent (a stable sort keeps the tokens ascending in each).
+    perm = torch.argsort(cols, stable=True)
+    l_offsets = _offsets(cols, m)  # cols are only counted here, so their order doesn't matter
+    del cols
+    rows, f, g_z = (v.index_select(0, perm) for v in (rows, f, g_z))
+    del perm, active
+    out = out or {}
+    g_W_dec = _bags(l_offsets, rows, f, g_xhat, out.get("W_dec"))  # Σ_b f_bj ∂L/∂x̂_b
+    g_W_enc_t = _bags(l_offsets, rows, g_z, x, out.get("W_enc_t"))  # Σ_b ∂L/∂z_bj x_b
+    grads = {"W_enc": g_W_enc_t.T, "b_enc": g_b_enc, "W_dec": g_W_dec, "b_dec": g_xhat.sum(0),
+             "threshold": g_threshold}  # fmt: skip
+    return grads, GradStats(mse + sp, mse, sp, l0, x_hat, mean_err, fired)
+
+
+@torch.no_grad()
+def dense_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: SparsityFn,
+                out: dict | None = None, scratch: torch.Tensor | None = None):  # fmt: skip
+    """All B·m pairs: z = xW + b_enc, f and ∂L/∂z in place, in xW's storage and one more [B, m]
+    (`scratch` if given); GEMMs for x̂, ∂L/∂f, and the W_dec / W_enc gradients (into `out` as in
+    sparse_grads). θ's gradient needs only the kernel-window pairs, found by one chunked scan."""
+    B, m = xW.shape
+    eps = bandwidth
+    z = xW.add_(b_enc)  # [B, m]
+    slack = 1e-6 * (threshold.abs() + eps)
+    flat = candidates(z, threshold - eps / 2 - slack, threshold + eps / 2 + slack)  # window ⊂ these
+    z_w = z.reshape(-1).index_select(0, flat)
+    _, cols_w = _split(flat, m)
+    th_w = threshold.index_select(0, cols_w)
+    active = z > threshold  # [B, m] bool
+    l0, sp, dsp_dl0 = _sparsity(sparsity_fn, float(active.sum()), B, x.device)
+    fired = active.any(0)
+    f = z.mul_(active)  # xW's storage now holds f
+    x_hat = torch.addmm(b_dec, f, W_dec)
+    mse, mean_err, g_xhat = _reconstruction(x, x_hat)
+    out = out or {}
+    g_W_dec = torch.mm(f.T, g_xhat, out=out.get("W_dec"))  # [m, d]
+    g_f = torch.mm(g_xhat, W_dec.T, out=scratch)  # ∂L/∂f [B, m]
+    g_threshold = _threshold_grad(z_w, th_w, g_f.reshape(-1).index_select(0, flat), cols_w, threshold,
+                                  eps, dsp_dl0, B)  # fmt: skip
+    g_z = g_f.mul_(active)
+    del active
+    g_W_enc_t = torch.mm(g_z.T, x, out=out.get("W_enc_t"))  # [m, d]
+    grads = {"W_enc": g_W_enc_t.T, "b_enc": g_z.sum(0), "W_dec": g_W_dec, "b_dec": g_xhat.sum(0),
+             "threshold": g_threshold}  # fmt: skip
+    return grads, GradStats(mse + sp, mse, sp, l0, x_hat, mean_err, fired)
+
+
+def autograd_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: SparsityFn):
+    """Plain autograd through JumpReLUFunction and StepFunction from z = xW + b_enc on (the reference
+    the hand-written paths are tested against; works in any dtype). Step on z, not f (bug #55)."""
+    with torch.enable_grad():
+        pre = (xW + b_enc).detach().requires_grad_(True)
+        W_dec, b_dec, threshold = (t.detach().requires_grad_(True) for t in (W_dec, b_dec, threshold))
+        x_hat = jumprelu(pre, threshold, bandwidth) @ W_dec + b_dec
+        mse = reconstruction_loss(x, x_hat)
+        l0 = step(pre, threshold, bandwidth).sum(-1).mean()
+        sp = sparsity_fn(l0)
+        loss = mse + sp
+        g_pre, g_W_dec, g_b_dec, g_th = torch.autograd.grad(loss, (pre, W_dec, b_dec, threshold))
+    with torch.no_grad():
+        grads = {"W_enc": (g_pre.T @ x).T, "b_enc": g_pre.sum(0), "W_dec": g_W_dec, "b_dec": g_b_dec,
+                 "threshold": g_th}  # fmt: skip
+        fired = (pre > threshold).any(0)
+        x_hat = x_hat.detach()
+        stats = GradStats(loss.detach(), mse.detach(), sp.detach(), l0.detach(), x_hat,
+                          (x_hat - x).mean(0), fired)  # fmt: skip
+    return grads, stats
+
+
+# ---------------------------------------------------------------------------- optimiser step
+
+
+def make_adam(params: list[torch.Tensor], lr: float, betas: tuple, eps: float) -> torch.optim.Adam:
+    """torch.optim.Adam: the fused kernel where this torch build has it (several times faster on CPU;
+    same update as the for-loop Adam up to the last bit), else foreach."""
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=True)
+
+
+@torch.no_grad()
+def optimizer_step(optimizer, params: dict, lr: float, max_grad_norm: float | None, unit_norm_decoder: bool):
+    """Apply the .grad of params (by name, as in TENSOR_NAMES; params["W_enc"] may be W_enc's [m, d]
+    transpose): with unit-norm decoder rows, the gradient component parallel to each W_dec row is
+    removed first and the rows renormalised after; gradient-norm clipping; Adam at `lr`; θ >= 0."""
+    for p in params.values():  # the fused Adam kernel needs grads laid out like params
+        if p.grad.stride() != p.stride():
+            p.grad = torch.empty_like(p).copy_(p.grad)
+    W_dec = params["W_dec"]
+    if unit_norm_decoder:
+        W_dec.grad.addcmul_(row_dot(W_dec.grad, W_dec).unsqueeze(1), W_dec, value=-1.0)
+    if max_grad_norm is not None:  # = clip_grad_norm_, minus the no-op ×1 pass when not clipping
+        total = torch.nn.utils.get_total_norm([p.grad for p in params.values()])
+        if total > max_grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(list(params.values()), max_grad_norm, total)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    params["threshold"].clamp_(min=0.0)  # so encode = z·1[z > θ] is the same in training and inference
+    if unit_norm_decoder:
+        W_dec.div_(torch.linalg.vector_norm(W_dec, dim=1, keepdim=True))

@@ -8,7 +8,7 @@ Recipe (Rajamanoharan et al. 2024, arXiv 2407.14435; Gemma Scope, arXiv 2408.051
   * Adam(β1=0, β2=0.999, eps=1e-8), lr 7e-5 with linear warm-up, constant, linear decay over the
     final (1 − decay_start) of the steps; gradient-norm clipping; θ clamped >= 0 after each step;
     optional unit-norm decoder rows (gradient component parallel to each row removed).
-The backward pass is sparse (see jumprelu.sparse_grads) once few latents fire, dense autograd before.
+The gradients are hand-written (grads.py): sparse once few latents fire, dense before.
 """
 
 from __future__ import annotations
@@ -20,19 +20,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dictionary_learning.dictionary import TENSOR_NAMES, JumpReluAutoEncoder
-from dictionary_learning.jumprelu import (
-    SPARSITY_MODES,
-    jumprelu,
-    reconstruction_loss,
+from .dictionary import TENSOR_NAMES, JumpReluAutoEncoder
+from .grads import (
+    autograd_grads,
+    dense_grads,
+    frac_variance_explained,
+    make_adam,
+    optimizer_step,
     sparse_grads,
-    sparsity_loss,
-    step,
 )
-from dictionary_learning.utils import default_device, dtype_name, parse_dtype
+from .jumprelu import SPARSITY_MODES, sparsity_loss
+from .utils import default_device, dtype_name, parse_dtype
 
-BACKWARDS = ("auto", "dense", "sparse")
-BIG_GRAD_ELEMS = 1 << 23  # [m, d] this large: reuse the W_dec / W_enc gradient tensors across steps
+BACKWARDS = ("auto", "sparse", "dense", "autograd")
 STATE_FORMAT = 1
 
 
@@ -79,10 +79,13 @@ class TrainerConfig:
     dead_feature_threshold: int = 10_000_000
     """A latent is dead after this many tokens without firing."""
     backward: str = "auto"
-    """'dense' autograd, 'sparse' (active latents only), or 'auto' (sparse when density is low)."""
-    sparse_max_density: float = 0.05
+    """'sparse' (active pairs only), 'dense' ([B, m] GEMMs), 'autograd' (reference), or 'auto'."""
+    sparse_max_density: float = 0.1
     """'auto' uses the sparse backward when the fraction of (token, latent) pairs near or above θ
-    is below this."""
+    is below this. Measured crossover of sparse vs dense compute_grads (bench_train.py --crossover,
+    2 CPU threads, fp32): 0.09 at d=2304, m=16384, B=1024; 0.16 at d=576, m=4608, B=4096; 0.3 at
+    d=576, m=4608, B=1024. 0.1 is right where a wrong choice costs most (the large SAE) and at most
+    ~30% slow between 0.1 and the crossover for the small ones."""
     extra: dict = field(default_factory=dict)
     """Free-form JSON metadata carried into config.json."""
 
@@ -190,12 +193,13 @@ class JumpReluTrainer:
         # tensors in and out) stays a single pass.
         self.params = {n: getattr(self.ae, n) for n in TENSOR_NAMES}
         self.params["W_enc"] = torch.nn.Parameter(self.ae.W_enc.detach().T)
-        self.optimizer = make_adam(list(self.params.values()), c)
+        self.optimizer = make_adam(list(self.params.values()), c.lr, c.adam_betas, c.adam_eps)
         self.step = 0  # steps done
         self.tokens_seen = 0
         self.tokens_since_fired = torch.zeros(c.dict_size, dtype=torch.int64, device=self.device)
-        self.last_backward = None  # "dense" or "sparse", for logs and tests
+        self.last_backward = None  # "sparse", "dense" or "autograd", for logs and tests
         self._pre_buf = None  # [B, m] buffer for x @ W_enc
+        self._scratch = None  # second [B, m] buffer of the dense path
 
     # ------------------------------------------------------------------ config
 
@@ -262,73 +266,55 @@ class JumpReluTrainer:
 
     def compute_grads(self, x: torch.Tensor, coeff: float, backward: str | None = None) -> dict:
         """Set .grad of every parameter for the loss on the normalised batch x [B, d]; return stats
-        (tensors: loss, mse, sparsity_loss, l0, x_hat [B, d], mean_err [d] = mean(x̂ − x), fired [m]
-        bool). `backward` ('auto' | 'dense' | 'sparse') overrides cfg.backward."""
+        (tensors: loss, mse, sparsity_loss, l0, x_hat [B, d] (valid until the next call), mean_err
+        [d] = mean(x̂ − x), fired [m] bool). `backward` overrides cfg.backward (see grads.py):
+        'sparse', 'dense', 'autograd', or 'auto' = sparse while at most sparse_max_density of the
+        pairs are candidates, else dense (autograd for dtypes other than fp32)."""
         c, ae = self.cfg, self.ae
         kind = backward or c.backward
         if kind not in BACKWARDS:
             raise ValueError(f"backward must be one of {BACKWARDS}, got {kind!r}")
-        sparse = kind == "sparse" or (kind == "auto" and c.dtype == "float32")
-        # Large [m, d] gradients are written into last step's tensors (a fresh tensor that size costs
-        # more in page faults than the sparse product itself); all others are freed first.
-        bufs = None
-        if sparse and c.dict_size * c.activation_dim >= BIG_GRAD_ELEMS:
-            shape = (c.dict_size, c.activation_dim)
-            bufs = {
-                k: g
-                if g is not None and g.shape == shape and g.is_contiguous()
-                else torch.empty_like(ae.W_dec)
-                for k, g in (("W_dec", self.params["W_dec"].grad), ("W_enc_t", self.params["W_enc"].grad))
-            }
+        B, m = x.shape[0], c.dict_size
+        out = self._grad_buffers() if kind != "autograd" else None
         for p in self.params.values():
             p.grad = None
         with torch.no_grad():
-            B, m = x.shape[0], c.dict_size
             if self._pre_buf is None or self._pre_buf.shape[0] != B:  # reused: a fresh [B, m]
-                self._pre_buf = None  # tensor costs page faults every step
+                self._pre_buf = self._scratch = None  # tensor costs page faults every step
                 self._pre_buf = torch.empty(B, m, dtype=x.dtype, device=x.device)
             xW = torch.mm(x, ae.W_enc, out=self._pre_buf)  # the one dense GEMM; b_enc added later
-        if sparse:
-            res = sparse_grads(
-                x, xW, ae.b_enc, ae.W_dec, ae.b_dec, ae.threshold, c.bandwidth,
-                lambda l0: self.sparsity_penalty(l0, coeff),
-                max_density=None if kind == "sparse" else c.sparse_max_density, out=bufs,
-            )  # fmt: skip
-            if res is not None:
-                grads, stats = res
-                grads["W_enc"] = grads["W_enc"].T  # [m, d], the layout of params["W_enc"]
-                for n, g in grads.items():
-                    self.params[n].grad = g
-                self.last_backward = "sparse"
-                return stats._asdict()
-        bufs = None
-        with torch.no_grad():
-            pre = xW.add_(ae.b_enc)  # [B, m]
-        return self._dense_grads(x, pre, coeff)
+        args = (x, xW, ae.b_enc, ae.W_dec, ae.b_dec, ae.threshold, c.bandwidth,
+                lambda l0: self.sparsity_penalty(l0, coeff))  # fmt: skip
+        res = None
+        if kind == "sparse" or (kind == "auto" and c.dtype == "float32"):
+            max_density = None if kind == "sparse" else c.sparse_max_density
+            res, self.last_backward = sparse_grads(*args, max_density=max_density, out=out), "sparse"
+        if res is None and (kind == "autograd" or c.dtype != "float32"):
+            res, self.last_backward = autograd_grads(*args), "autograd"
+        elif res is None:
+            if self._scratch is None:  # ∂L/∂f [B, m], kept while the dense path is in use
+                self._scratch = torch.empty_like(self._pre_buf)
+            res, self.last_backward = dense_grads(*args, out=out, scratch=self._scratch), "dense"
+        if self.last_backward == "sparse":
+            self._scratch = None
+        grads, stats = res
+        grads["W_enc"] = grads["W_enc"].T  # [m, d], the layout of params["W_enc"]
+        for n, g in grads.items():
+            self.params[n].grad = g
+        return stats._asdict()
 
-    def _dense_grads(self, x: torch.Tensor, pre: torch.Tensor, coeff: float) -> dict:
-        """Plain autograd through the JumpReLU and Step functions, from the pre-activations on."""
-        c, ae = self.cfg, self.ae
-        pre = pre.detach().requires_grad_(True)
-        f = jumprelu(pre, ae.threshold, c.bandwidth)
-        x_hat = f @ ae.W_dec + ae.b_dec
-        mse = reconstruction_loss(x, x_hat)
-        l0 = step(pre, ae.threshold, c.bandwidth).sum(-1).mean()  # Step on pre-activations (bug #55)
-        sp = self.sparsity_penalty(l0, coeff)
-        loss = mse + sp
-        loss.backward()
-        with torch.no_grad():
-            self.params["W_enc"].grad = pre.grad.T @ x  # (xᵀ·∂L/∂pre)ᵀ [m, d]
-            ae.b_enc.grad = pre.grad.sum(0)
-            fired = (pre > ae.threshold).any(0)
-        self.last_backward = "dense"
-        return dict(loss=loss.detach(), mse=mse.detach(), sparsity_loss=sp.detach(), l0=l0.detach(),
-                    x_hat=x_hat.detach(), mean_err=(x_hat.detach() - x).mean(0), fired=fired)  # fmt: skip
+    def _grad_buffers(self) -> dict:
+        """Last step's W_dec / W_enc gradient tensors, to write this step's into: a fresh [m, d] tensor
+        costs page faults, and freeing one every step grows glibc's heap (its mmap threshold rises)."""
+        shape = (self.cfg.dict_size, self.cfg.activation_dim)
+        grads = (("W_dec", self.params["W_dec"].grad), ("W_enc_t", self.params["W_enc"].grad))
+        return {k: g if g is not None and g.shape == shape and g.is_contiguous() else torch.empty_like(self.ae.W_dec)
+                for k, g in grads}  # fmt: skip
 
     def update(self, step: int, x: torch.Tensor) -> dict:
         """One optimiser step on raw activations x [B, d] (divided by norm_factor here). Returns floats:
         loss, mse, sparsity_loss, l0, frac_variance_explained, lr, sparsity_coeff, dead_latents."""
-        c, ae = self.cfg, self.ae
+        c = self.cfg
         x = self._prepare(step, x)
         lr = c.lr * self.lr_factor(step)
         coeff = c.sparsity_coeff * self.sparsity_factor(step)
@@ -340,28 +326,12 @@ class JumpReluTrainer:
             raise FloatingPointError(f"update step {step}: loss is {loss} (mse {float(s['mse'])}); "
                                      "no update applied")  # fmt: skip
         with torch.no_grad():
-            for p in self.params.values():  # the fused Adam kernel needs grads laid out like params
-                if p.grad.stride() != p.stride():
-                    p.grad = torch.empty_like(p).copy_(p.grad)
-            if c.unit_norm_decoder:  # remove the gradient component parallel to each decoder row
-                g = ae.W_dec.grad
-                g.addcmul_(_row_dot(g, ae.W_dec).unsqueeze(1), ae.W_dec, value=-1.0)
-            if c.max_grad_norm is not None:  # = clip_grad_norm_, minus the no-op ×1 pass when not clipping
-                params = list(self.params.values())
-                total = torch.nn.utils.get_total_norm([p.grad for p in params])
-                if total > c.max_grad_norm:
-                    torch.nn.utils.clip_grads_with_norm_(params, c.max_grad_norm, total)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-            ae.threshold.clamp_(min=0.0)  # so encode = z·1[z > θ] is the same in training and inference
-            if c.unit_norm_decoder:
-                ae.W_dec.div_(torch.linalg.vector_norm(ae.W_dec, dim=1, keepdim=True))
+            optimizer_step(self.optimizer, self.params, lr, c.max_grad_norm, c.unit_norm_decoder)
             n = x.shape[0]
             self.tokens_since_fired.add_(n).masked_fill_(s["fired"], 0)
             self.tokens_seen += n
             self.step = step + 1
-            fve = _frac_variance_explained(x, s["mean_err"], s["mse"])
+            fve = frac_variance_explained(x, s["mean_err"], s["mse"])
             dead = (self.tokens_since_fired >= c.dead_feature_threshold).float().mean()
         return {
             "loss": loss,
@@ -446,32 +416,3 @@ class JumpReluTrainer:
         self.cfg.norm_factor = saved["norm_factor"]
         self.step = int(meta["step"])
         self.tokens_seen = int(meta["tokens_seen"])
-
-
-def _row_dot(a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 1 << 20) -> torch.Tensor:
-    """Row-wise dot products of a, b [m, d] -> [m], a block of rows at a time (no [m, d] temporary)."""
-    out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
-    rows = max(1, chunk_elems // max(1, a.shape[1]))
-    for r in range(0, a.shape[0], rows):
-        torch.linalg.vecdot(a[r : r + rows], b[r : r + rows], out=out[r : r + rows])
-    return out
-
-
-def _frac_variance_explained(x: torch.Tensor, mean_err: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
-    """1 − Σ_d Var(x − x̂) / Σ_d Var(x), pooled over the batch, from mse = E‖x − x̂‖² and
-    mean_err = E(x̂ − x) [d], using Σ_d Var(v) = E‖v‖² − ‖E v‖². x [B, d] -> scalar."""
-    x = x.float()
-    var_err = mse - mean_err.dot(mean_err)
-    mean_x = x.mean(0)
-    var_x = x.reshape(-1).dot(x.reshape(-1)) / x.shape[0] - mean_x.dot(mean_x)
-    return 1 - var_err / var_x.clamp_min(1e-30)
-
-
-def make_adam(params: list[torch.Tensor], c: TrainerConfig) -> torch.optim.Adam:
-    """torch.optim.Adam with the config's betas and eps: the fused kernel where this torch build has
-    it (several times faster on CPU; same update as the for-loop Adam up to the last bit), else foreach."""
-    kw = dict(lr=c.lr, betas=c.adam_betas, eps=c.adam_eps)
-    try:
-        return torch.optim.Adam(params, fused=True, **kw)
-    except (RuntimeError, ValueError):
-        return torch.optim.Adam(params, foreach=True, **kw)

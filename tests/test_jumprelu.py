@@ -4,10 +4,10 @@ derived by hand from Rajamanoharan et al. 2024 (arXiv 2407.14435) §3 with K(u) 
 import pytest
 import torch
 
+from dictionary_learning.grads import _bags, candidates, flat_nonzero
 from dictionary_learning.jumprelu import (
     JumpReLUFunction,
     StepFunction,
-    flat_nonzero,
     reconstruction_loss,
     rectangle,
     sparsity_loss,
@@ -108,3 +108,30 @@ def test_flat_nonzero_matches_nonzero(shape, p):
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(shape, generator=g) < p
     assert torch.equal(flat_nonzero(mask), mask.reshape(-1).nonzero().squeeze(1))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 40, 1 << 21])  # one row, several rows, everything
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_candidates_match_mask(chunk_bytes, two_sided):
+    g = torch.Generator().manual_seed(1)
+    xW = torch.randn(37, 24, generator=g)
+    lo = torch.randn(24, generator=g)
+    hi = lo + torch.rand(24, generator=g) if two_sided else None
+    mask = (xW > lo) & (xW < hi) if two_sided else xW > lo
+    assert 0 < mask.sum() < mask.numel()
+    assert torch.equal(candidates(xW, lo, hi, chunk_bytes=chunk_bytes), mask.reshape(-1).nonzero().squeeze(1))
+
+
+def test_bags_into_out_match_direct_sums():
+    g = torch.Generator().manual_seed(2)
+    src = torch.randn(9, 5, generator=g)
+    counts = torch.tensor([0, 3, 1, 0, 4, 2, 0])  # empty bags too, and an empty block
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    idx = torch.randint(0, 9, (int(counts.sum()),), generator=g)
+    w = torch.randn(idx.numel(), generator=g)
+    want = torch.stack([(w[s:e, None] * src[idx[s:e]]).sum(0) for s, e in zip(offsets[:-1], offsets[1:])])
+    out = torch.full((7, 5), float("nan"))
+    got = _bags(offsets, idx, w, src, out=out, block_bytes=4 * 5 * 2)  # two bags per block
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(_bags(offsets, idx, w, src), want)
