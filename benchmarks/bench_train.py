@@ -1,4 +1,4 @@
-"""Benchmark one JumpReluTrainer.update at L0 ~ 64 against a dense GEMM floor and dense autograd.
+"""Benchmark one JumpReluTrainer.update at L0 ~ 64 against a dense GEMM floor and a dense step.
 
     python benchmarks/bench_train.py --json            # prints ONE JSON object
     python benchmarks/bench_train.py --crossover --configs 576,4608,1024   # where 'auto' should switch
