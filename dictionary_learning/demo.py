@@ -411,6 +411,11 @@ def main(argv=None) -> int:
         if args.eval_only:
             print_summary(evaluate_run(Path(args.eval_only), cfg, args))
             return 0
+        if args.push_to_hub:  # fail before hours of training, not after
+            from dictionary_learning.hub import hub_offline
+
+            if hub_offline():
+                raise UsageError(f"--push-to-hub {args.push_to_hub}: the Hub is offline (HF_HUB_OFFLINE=1)")
         rows = run(cfg, args)
         if rows is not None:
             print_summary(rows)
@@ -418,8 +423,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"demo.py: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, OSError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # data, files, Hub, data exhausted, distributed
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.debug("traceback", exc_info=True)
         print(f"demo.py: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -42,6 +42,7 @@ def test_plan_for_gemma_needs_no_gpu_or_hub():
         (["--layer", "30", "--plan"], ["--layer 30", "0..29"]),
         (["--tokens", "10", "--plan"], ["--tokens 10"]),
         (["--dataset", "no/such-dataset", "--tokens", "2048"], ["no/such-dataset"]),
+        (["--push-to-hub", "me/saes", "--tokens", "2048"], ["--push-to-hub me/saes", "offline"]),
     ],
 )
 def test_bad_settings_fail_with_one_line(args, words, tmp_path):
