@@ -436,7 +436,7 @@ def trainSAE(
                     f"{exhausted}; checkpoint saved in {base}/*/checkpoints/latest"
                 )
             sig = signal.Signals(stop["sig"])
-            msg = f"{sig.name}: stopped at step {step} of {steps}; checkpoint saved, resume with resume=True"
+            msg = f"{sig.name}: stopped at step {step} of {steps}; checkpoint saved, resume with resume=True (demo.py --resume)"
             log.warning(msg)
             print(msg, file=sys.stderr, flush=True)
             raise SystemExit(128 + sig.value)
