@@ -330,8 +330,16 @@ def build_splits(
         if first_error:
             row["first_skipped"] = first_error
         summary[name] = row
-    train, val = split_indices(len(records), seed, validation_fraction)
-    splits = {"train": [records[i] for i in train], "validation": [records[i] for i in val]}
+    # split the distinct texts; every copy of a text (kept with --no-dedup) goes to its text's split
+    copies: dict[str, list[dict]] = {}
+    for r in records:
+        copies.setdefault(r["text"], []).append(r)
+    distinct = list(copies)
+    train, val = split_indices(len(distinct), seed, validation_fraction)
+    splits = {
+        name: [r for i in idx for r in copies[distinct[i]]]
+        for name, idx in (("train", train), ("validation", val))
+    }
     for split, recs in splits.items():
         for r in recs:
             summary[r["source_dataset"]][split] += 1

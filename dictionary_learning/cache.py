@@ -115,6 +115,7 @@ def write_cache(
         "format": "sae-factory-activation-cache",
         "format_version": FORMAT_VERSION,
         **{k: info.pop(k, None) for k in ("model", "hook", "layer", "site", "ctx_len")},
+        **{k: v for k, v in info.items() if k != "dtype"},  # the buffer's dtype name is not the shards' dtype
         "dtype": dtype_name(dtype),
         "d": d,
         "n_tokens": written,
@@ -126,7 +127,6 @@ def write_cache(
         "shards": shards,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": package_versions(),
-        **info,
     }
     write_json(out / MANIFEST, manifest)
     return manifest
@@ -198,6 +198,7 @@ class ActivationCache:
         self.n_tokens, self.d = m["n_tokens"], m["d"]
         self.tokens_yielded, self.batches_yielded = 0, 0
         self._epoch, self._group, self._pos, self._rows = 0, 0, 0, None
+        self._verified: set[int] = set()
 
     @property
     def n_groups(self) -> int:
@@ -207,8 +208,10 @@ class ActivationCache:
         """Shard i -> [rows, d], checked against the manifest (a bad file gets an error naming it)."""
         s = self.manifest["shards"][i]
         p = self.dir / s["file"]
-        if self.verify and _sha256(p) != s["sha256"]:
-            raise ValueError(f"{p}: sha256 does not match the manifest (corrupted or replaced shard)")
+        if self.verify and i not in self._verified:  # hash each shard once, not every epoch
+            if _sha256(p) != s["sha256"]:
+                raise ValueError(f"{p}: sha256 does not match the manifest (corrupted or replaced shard)")
+            self._verified.add(i)
         try:
             x = load_file(str(p))[SHARD_KEY]
         except Exception as e:  # noqa: BLE001

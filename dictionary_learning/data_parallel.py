@@ -75,9 +75,8 @@ class DataParallelTrainer(JumpReluTrainer):
             p.grad = g.view(p.shape).to(p.dtype)
         fired, sx, se, sxx = flat[head.numel() :].split([t.numel() for t in tail])
         fired, sx, se, sxx = fired > 0, sx / N, se / N, sxx[0] / N
-        fve = 1 - (mse[0] - se.dot(se)) / (sxx - sx.dot(sx)).clamp_min(
-            1e-30
-        )  # trainer._frac_variance_explained
+        # the same formula as grads.frac_variance_explained, from sums pooled over all ranks
+        fve = 1 - (mse[0] - se.dot(se)) / (sxx - sx.dot(sx)).clamp_min(1e-30)
         self._global = {"rows": int(N), "fired": fired, "fve": float(fve)}
         return {**s, "loss": mse[0] + s["sparsity_loss"], "mse": mse[0], "l0": l0[0], "fired": fired}
 

@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dictionary_learning.demo_config import DEFAULT_PRESET, PRESETS, DemoConfig, get_preset
+from dictionary_learning.utils import read_json
 
 log = logging.getLogger("demo")
 
@@ -247,13 +248,31 @@ def harvest_key(cfg: DemoConfig, n_tokens: int) -> dict:
     return {**{k: getattr(cfg, k) for k in keys}, "n_tokens": n_tokens}
 
 
+def check_from_cache(cache, cfg: DemoConfig) -> None:
+    """A --from-cache cache must have been harvested with this run's model, hook and data split,
+    or the SAEs would be saved and evaluated under the wrong names, or evaluated on training text."""
+    want = harvest_key(cfg, 0)
+    have = dict(cache.manifest.get("harvest_key") or {})
+    if not have:  # made outside demo.py: check what its manifest records
+        have = {k: cache.manifest[k] for k in ("layer", "site") if cache.manifest.get(k) is not None}
+        log.warning(
+            "--from-cache %s records no data split: make sure it holds none of the validation text", cache.dir
+        )
+    diff = {k: v for k, v in have.items() if k != "n_tokens" and v != want.get(k)}
+    if diff:
+        raise UsageError(
+            f"--from-cache {cache.dir} was harvested with {diff}; this run has "
+            f"{ {k: want.get(k) for k in diff} }: pass matching flags"
+        )
+
+
 def cache_matches(cache_dir, key: dict, overwrite: bool) -> bool:
     """True when cache_dir holds a complete cache harvested with `key`; False when there is none (or
     a stale one and --overwrite was given); a stale cache without --overwrite is a UsageError."""
     manifest = Path(cache_dir) / "manifest.json"
     if not manifest.exists():
         return False
-    old = json.loads(manifest.read_text()).get("harvest_key")
+    old = read_json(manifest).get("harvest_key")
     if old == key:
         return True
     if overwrite:
@@ -308,6 +327,8 @@ def activations(cfg: DemoConfig, args, model, train_texts, steps: int, out_dir: 
         m = write_cache(buf, cache_dir, n_tokens=n_tokens, meta=meta, overwrite=args.overwrite)
         log.info("harvested %d tokens into %s in %.0f s", m["n_tokens"], cache_dir, time.time() - t0)
     cache = ActivationCache(cache_dir, batch_size=batch, seed=cfg.seed, epochs=1)
+    if args.from_cache:
+        check_from_cache(cache, cfg)
     epochs = int(ctx.max(math.ceil(steps * batch / cache.n_tokens)))  # the ranks agree
     if epochs > cfg.max_epochs:
         raise UsageError(
@@ -315,7 +336,7 @@ def activations(cfg: DemoConfig, args, model, train_texts, steps: int, out_dir: 
             f"{epochs} epochs (max_epochs={cfg.max_epochs}); lower --tokens or --set max_epochs={epochs}"
         )
     log.info("activation cache: %d tokens, %d epoch(s) for %d steps", cache.n_tokens, epochs, steps)
-    cache = ActivationCache(cache_dir, batch_size=batch, seed=cfg.seed, epochs=epochs)
+    cache.epochs = epochs  # nothing read yet
     data = distributed.RankSlice(cache) if ctx.distributed and args.from_cache else cache
     return data, {**cache.manifest.get("buffer", {}), "cache": str(cache_dir), "epochs": epochs}
 
@@ -362,7 +383,11 @@ def run(cfg: DemoConfig, args) -> list[dict] | None:
     steps = info["steps"]
     out_dir = layer_dir(cfg.save_dir, run_meta(cfg))
     t0 = time.time()
-    train_texts = load_texts(cfg.dataset, "train", seed=cfg.seed, validation_fraction=cfg.validation_fraction)
+    train_texts = []  # --from-cache: the activations are given
+    if not args.from_cache:
+        train_texts = load_texts(
+            cfg.dataset, "train", seed=cfg.seed, validation_fraction=cfg.validation_fraction
+        )
     train_texts = distributed.shard(train_texts)  # texts i with i % world_size == rank
     model = None
     if not args.from_cache:

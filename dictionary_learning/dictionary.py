@@ -223,12 +223,13 @@ class JumpReluAutoEncoder(Dictionary):
         for key, want in (("activation_dim", d), ("d_in", d), ("dict_size", m), ("d_sae", m)):
             if key in cfg and cfg[key] != want:
                 raise ValueError(f"{path}: config says {key}={cfg[key]} but {source.name} has {want}")
-        if dtype is None:
-            dtype = cfg.get("sae_dtype") or cfg.get("dtype") or tensors["W_enc"].dtype
-        try:
-            dtype = parse_dtype(dtype)
-        except ValueError:
-            dtype = torch.float32
+        if dtype is not None:
+            dtype = parse_dtype(dtype)  # the caller's choice: a bad name is an error
+        else:  # the file's dtype; an unknown name written by another tool falls back to fp32
+            try:
+                dtype = parse_dtype(cfg.get("sae_dtype") or cfg.get("dtype") or tensors["W_enc"].dtype)
+            except ValueError:
+                dtype = torch.float32
         ae = cls(d, m, device=device, dtype=dtype, init=False)
         with torch.no_grad():
             for n in TENSOR_NAMES:

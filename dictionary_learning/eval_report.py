@@ -110,8 +110,8 @@ def run_settings(sae_path: Path, args) -> dict:
         "dataset": args.dataset or _find(cfg, "dataset", "dataset_path"),
         "ctx_len": args.ctx_len or _find(cfg, "ctx_len", "context_size") or EvalConfig.ctx_len,
         # the data split seed: from run_meta (the top level of our config.json holds the SAE init seed)
-        "seed": _find(meta, "data_seed", "split_seed", "seed") or 0,
-        "validation_fraction": _find(meta, "validation_fraction") or 0.1,
+        "seed": next((meta[k] for k in ("data_seed", "split_seed", "seed") if meta.get(k) is not None), 0),
+        "validation_fraction": meta.get("validation_fraction") or 0.1,
         "exclude_first_k": args.exclude_first_k
         if args.exclude_first_k is not None
         else _find(cfg, "exclude_first_k") or 0,

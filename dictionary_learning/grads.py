@@ -85,7 +85,7 @@ def _split(flat: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     if flat.numel() == 0 or int(flat[-1]) < 2**31:
         flat = flat.to(torch.int32)
     rows = torch.div(flat, m, rounding_mode="floor")
-    return rows, flat.sub_(rows * m)
+    return rows, flat - rows * m  # not in place: the caller may still use `flat`
 
 
 def _bags(offsets, idx, weights, src, out=None, block_bytes: int = 1 << 21):

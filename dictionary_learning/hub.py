@@ -48,7 +48,7 @@ def find_trainer_dirs(run_dir: str | os.PathLike) -> list[Path]:
     found = []
     for w in sorted(run_dir.rglob(SAE_FILES[0])):
         d = w.parent
-        if "checkpoints" in d.relative_to(run_dir).parts or any(p.name == "checkpoints" for p in d.parents):
+        if "checkpoints" in d.relative_to(run_dir).parts:
             continue
         status = read_json(d / "status.json").get("status") if (d / "status.json").exists() else "done"
         if (d / "FAILED.json").exists() or status != "done":
@@ -79,8 +79,12 @@ def _summary(d: Path, path_in_repo: str) -> dict:
     ev = ev.get("metrics", ev) if isinstance(ev, dict) else {}
     last = {}
     if (d / "training_log.jsonl").exists():
-        lines = [ln for ln in (d / "training_log.jsonl").read_text().splitlines() if ln.strip()]
-        last = json.loads(lines[-1]) if lines else {}
+        for ln in reversed((d / "training_log.jsonl").read_text().splitlines()):
+            try:  # the last complete line (a kill can cut the final one)
+                last = json.loads(ln)
+                break
+            except json.JSONDecodeError:
+                continue
 
     def metric(ev_key, log_key):
         if ev.get(ev_key) is not None:
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         url = push_to_hub(args.run_dir, args.repo_id, private=args.private)
-    except HubPushError as e:
+    except (HubPushError, ValueError, OSError) as e:  # ValueError: a malformed JSON file, named
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(url)

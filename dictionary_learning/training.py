@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -136,7 +135,13 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines past `step` (written after the checkpoint we resume from)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln)["step"] <= step:
+                keep.append(ln)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut by a kill: always written after the checkpoint
     with atomic_path(path) as tmp:
         tmp.write_text("".join(ln + "\n" for ln in keep))
 
@@ -395,9 +400,10 @@ def trainSAE(
             for r in runs:
                 if r.active and step >= r.start:  # a trainer resumed from a later checkpoint waits
                     try:
-                        out = r.trainer.update(step, on_device.setdefault(str(r.device), x.to(r.device)))
-                        if not math.isfinite(float(out["loss"])):
-                            raise FloatingPointError(f"loss is {out['loss']}")
+                        key = str(r.device)
+                        if key not in on_device:  # one copy of the batch per device, not per trainer
+                            on_device[key] = x.to(r.device)
+                        out = r.trainer.update(step, on_device[key])  # raises on a non-finite loss
                     except FloatingPointError as e:
                         _fail(r, step, str(e), write=writes)
                         continue

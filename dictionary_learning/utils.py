@@ -12,7 +12,6 @@ import importlib.util
 import json
 import logging
 import os
-import random
 import subprocess
 import tempfile
 from pathlib import Path
@@ -73,13 +72,7 @@ def read_json(path: str | os.PathLike):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-# ---------------------------------------------------------------------------- seeds, devices
-
-
-def set_seed(seed: int) -> None:
-    """Seed Python, and torch's global RNGs (CPU and CUDA)."""
-    random.seed(seed)
-    torch.manual_seed(seed)
+# ---------------------------------------------------------------------------- devices
 
 
 def default_device() -> str:
@@ -171,8 +164,6 @@ def resolve_model(name: str) -> str:
     a local folder, or a Hub id (returned unchanged)."""
     if name in EMBEDDED_ALIASES:
         return str(prepare_embedded_model())
-    if os.path.isdir(name):
-        return name
     return name
 
 

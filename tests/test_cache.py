@@ -64,6 +64,15 @@ def test_round_trip_bit_exact(tmp_path, dtype):
     assert torch.equal(c.load_shard(2), want[32:48])
 
 
+def test_manifest_dtype_is_the_shards_dtype(tmp_path):
+    """A buffer's dtype *name* in meta ('bf16') must not replace the shards' dtype in the manifest."""
+    x = torch.randn(40, 4).to(torch.bfloat16)
+    m = write_cache([x], tmp_path / "c", n_tokens=40, meta={"dtype": "bf16", "model": "m"})
+    assert m["dtype"] == "bfloat16"
+    got = next(ActivationCache(tmp_path / "c", batch_size=40, shards_per_group=1))
+    assert torch.equal(got.sort(0).values, x.sort(0).values)
+
+
 def test_shuffles_across_shards_and_seeds(tmp_path):
     data = [torch.arange(64, dtype=torch.float32)[:, None].repeat(1, 4)]
     write_cache(data, tmp_path / "c", 64, shard_rows=8)

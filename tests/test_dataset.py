@@ -262,6 +262,10 @@ def test_dedup_drops_identical_texts_before_split(sample_dir):
     splits, summary = ds.build_splits(sample_dir=sample_dir, dedup=False)
     texts = [r["text"] for s in splits.values() for r in s]
     assert summary["medqa"]["duplicates"] == 0 and len(texts) == len(set(texts)) + 2
+    # kept copies stay together: a repeated text is never in both splits, whatever the seed
+    for seed in range(20):
+        splits, _ = ds.build_splits(sample_dir=sample_dir, dedup=False, seed=seed, validation_fraction=0.5)
+        assert not {r["text"] for r in splits["train"]} & {r["text"] for r in splits["validation"]}
 
 
 def test_split_is_deterministic_and_seed_dependent():

@@ -120,6 +120,15 @@ def test_demo_end_to_end_tiny(tmp_path):
     r4 = run_demo(*[a if a != "64" else "32" for a in args])
     assert r4.returncode == 2 and "other settings" in r4.stderr, r4.stderr[-2000:]
 
+    # --from-cache refuses a cache harvested at another layer
+    cache = layer_dir / "activation_cache"
+    r5 = run_demo(
+        "--from-cache", str(cache), "--layer", "4", "--tokens", "2048", "--save-dir", str(tmp_path / "b")
+    )
+    assert r5.returncode == 2 and "harvested with" in r5.stderr and "'layer': 3" in r5.stderr, r5.stderr[
+        -2000:
+    ]
+
     # --eval-only re-evaluates the existing run
     r3 = run_demo("--eval-only", str(layer_dir), "--eval-tokens", "256", "--quiet")
     assert r3.returncode == 0, r3.stderr[-2000:]
