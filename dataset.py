@@ -20,9 +20,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from numbers import Integral
 from pathlib import Path
@@ -475,30 +473,22 @@ def load_texts(spec: str, split: str = "train", seed: int = 0, validation_fracti
 
 def save_dataset(dd, out_dir: str | os.PathLike, meta: dict) -> Path:
     """save_to_disk + parquet/<split>.parquet + summary.json, written to a temp folder then renamed."""
-    from dictionary_learning.utils import write_json
+    from dictionary_learning.utils import write_dir_atomic, write_json
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / "dataset_dict.json").exists():
         raise FileExistsError(
             f"{out}: exists and is not a dataset folder written by dataset.py; choose another --out"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
+
+    def write(tmp: Path) -> None:
         dd.save_to_disk(str(tmp))
         (tmp / "parquet").mkdir()
         for split, ds in dd.items():
             ds.to_parquet(str(tmp / "parquet" / f"{split}.parquet"))
         write_json(tmp / "summary.json", meta)
-        for path, mode in ((tmp, 0o777), (tmp / "summary.json", 0o666)):  # mkdtemp/mkstemp use 0700/0600
-            os.chmod(path, mode & ~umask)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir_atomic(out, write)  # a kill leaves the old folder (or OUT.old) complete
     return out
 
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import random
-import shutil
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .buffer import DataExhausted
-from .utils import read_json
+from .utils import read_json, write_dir_atomic  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -36,33 +34,6 @@ class DataExhaustedError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- folders, trainer state, RNGs
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_dir_atomic(final: Path, write) -> None:
-    """Call write(tmp) on a fresh `final.tmp-<pid>` folder, fsync it, then swap it in by renames:
-    final -> final.old, tmp -> final, remove final.old. A kill at any moment leaves `final` or
-    `final.old` complete (read_checkpoint falls back to `.old`)."""
-    final = Path(final)
-    tmp, old = final.with_name(f"{final.name}.tmp-{os.getpid()}"), final.with_name(f"{final.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    for p in [*tmp.rglob("*"), tmp]:
-        _fsync(p)
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)  # final exists, so any .old is stale
-        os.rename(final, old)
-    os.rename(tmp, final)
-    _fsync(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(path: Path, trainer, loop: dict, data_state: dict) -> None:

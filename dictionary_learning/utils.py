@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -53,6 +54,33 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_dir_atomic(final: Path, write) -> None:
+    """Call write(tmp) on a fresh `final.tmp-<pid>` folder, fsync it, then swap it in by renames:
+    final -> final.old, tmp -> final, remove final.old. A kill at any moment leaves `final` or
+    `final.old` complete (checkpoint.read_checkpoint falls back to `.old`)."""
+    final = Path(final)
+    tmp, old = final.with_name(f"{final.name}.tmp-{os.getpid()}"), final.with_name(f"{final.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    for p in [*tmp.rglob("*"), tmp]:
+        fsync_path(p)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)  # final exists, so any .old is stale
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_path(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -146,16 +174,7 @@ def prepare_embedded_model(force: bool = False) -> Path:
     plain.load_state_dict(quant.state_dict())
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    # Write into a temporary sibling folder, then rename: a killed prepare leaves no half model.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2.", dir=out.parent))
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    write_dir_atomic(out, lambda tmp: (plain.save_pretrained(tmp), tok.save_pretrained(tmp)))
     return out
 
 
