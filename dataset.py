@@ -217,11 +217,14 @@ def check_hub_reachable(hint: str = "use --source sample", timeout: float = HUB_
     if constants.HF_HUB_OFFLINE or flags:
         names = "/".join(flags) or "HF_HUB_OFFLINE"
         raise HubUnreachable(f"the Hugging Face Hub is unreachable: offline mode is set ({names}=1); {hint}")
-    try:
-        import httpx
+    import urllib.error
+    import urllib.request
 
-        httpx.head(constants.ENDPOINT, timeout=timeout)
-    except Exception as e:  # any failure to get an HTTP answer means unreachable
+    try:  # any HTTP answer, even an error status, means reachable
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        pass
+    except Exception as e:  # no HTTP answer at all: unreachable
         raise HubUnreachable(
             f"the Hugging Face Hub ({constants.ENDPOINT}) is unreachable ({type(e).__name__}); {hint}"
         ) from None
