@@ -26,6 +26,8 @@ from numbers import Integral
 from pathlib import Path
 from typing import NamedTuple
 
+from dictionary_learning.utils import read_jsonl, write_dir_atomic, write_json
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent
@@ -241,25 +243,12 @@ def _load_hub(hub_id: str, split: str | None, hint: str):
         raise ValueError(f"could not load {hub_id!r} (split {split}) from the Hub: {first}") from None
 
 
-def _read_jsonl(path: Path) -> list:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-    return records
-
-
 def load_source(name: str, source: str = "sample", sample_dir: str | os.PathLike | None = None):
     """Raw records of one source: a list of dicts ("sample") or a datasets.Dataset of dicts ("hub")."""
     if name not in SOURCES:
         raise ValueError(f"unknown source {name!r}; choose one of {SOURCE_NAMES}")
     if source == "sample":
-        return _read_jsonl(Path(sample_dir or SAMPLE_DIR) / f"{name}.jsonl")
+        return read_jsonl(Path(sample_dir or SAMPLE_DIR) / f"{name}.jsonl")
     if source == "hub":
         return _load_hub(
             SOURCES[name].hub_id, SOURCES[name].split, "use --source sample (the shipped sample)"
@@ -401,7 +390,7 @@ def _read_text_file(path: Path) -> list[str]:
     if suffix == ".txt":
         return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if suffix == ".jsonl":
-        return _texts_of(_read_jsonl(path), str(path))
+        return _texts_of(read_jsonl(path), str(path))
     if suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -476,7 +465,6 @@ def load_texts(spec: str, split: str = "train", seed: int = 0, validation_fracti
 
 def save_dataset(dd, out_dir: str | os.PathLike, meta: dict) -> Path:
     """save_to_disk + parquet/<split>.parquet + summary.json, written to a temp folder then renamed."""
-    from dictionary_learning.utils import write_dir_atomic, write_json
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / "dataset_dict.json").exists():

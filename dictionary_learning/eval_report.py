@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import os
 import re
@@ -31,7 +30,7 @@ import sys
 from pathlib import Path
 
 from .evaluation import EvalConfig, evaluate_many, load_sae, log_feature_density, save_sparsity
-from .utils import atomic_path, git_commit, package_versions, read_json, write_json
+from .utils import atomic_path, git_commit, package_versions, read_json, read_jsonl, write_json
 
 log = logging.getLogger(__name__)
 
@@ -188,18 +187,6 @@ def plot_frontiers(rows: list[dict], out_dir: Path) -> list[Path]:
         paths.append(out_dir / name)
         _save_fig(fig, paths[-1])
     return paths
-
-
-def read_training_log(path: Path) -> list[dict]:
-    """training_log.jsonl -> list of records; a bad line names the file and line number."""
-    out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
-    return out
 
 
 def plot_training_curves(logs: dict[str, list[dict]], path: Path) -> Path | None:
@@ -386,7 +373,7 @@ def run(args, saes: list[Path], settings: list[dict]) -> list[dict]:
             plot_density(density, folder / "feature_density.png", name)
             rows[i] = {"trainer": name, **metrics}
             if (folder / "training_log.jsonl").exists():
-                logs[name] = read_training_log(folder / "training_log.jsonl")
+                logs[name] = read_jsonl(folder / "training_log.jsonl")
     rows = [rows[i] for i in sorted(rows)]  # the order of `saes`
     logs = {names[i]: logs[names[i]] for i in range(len(saes)) if names[i] in logs}
     out = Path(args.out) if args.out else _out_dir(args.run_dir)
