@@ -86,10 +86,11 @@ def main() -> None:
     p.add_argument("--padded-texts", type=int, default=32, help="texts for the per-text padding pipeline")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32", help="language-model dtype (bfloat16 on a GPU)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = load_language_model(args.model, device=args.device, dtype="float32")
+    model = load_language_model(args.model, device=args.device, dtype=args.dtype)
     hf, tok = model._module, model.tokenizer
     texts, source = load_sample_texts()
     windows, keep = pack_texts(texts, tok, args.ctx_len, drop_last=True)
@@ -111,6 +112,10 @@ def main() -> None:
     limit.step()  # warm-up
     next(ActivationBuffer(texts[:8], model, args.layer, **{**common, "n_ctxs": 2}))
 
+    def sync():  # GPU work is asynchronous: time it to completion
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+
     secs = {"buffer": 0.0, "limit": 0.0, "padded": 0.0}
     limit_pos, pad_done = 0, False
     while (
@@ -118,19 +123,25 @@ def main() -> None:
     ):
         # Round robin, one LM batch each, so a burst of load from other processes hits all alike.
         if buf.counters["contexts"] * args.ctx_len < args.positions:
+            sync()
             t0 = time.perf_counter()
             next(buf)
+            sync()
             secs["buffer"] += time.perf_counter() - t0
         if limit_pos < args.positions:
+            sync()
             t0 = time.perf_counter()
             limit_pos += limit.step()
+            sync()
             secs["limit"] += time.perf_counter() - t0
         if not pad_done:
+            sync()
             t0 = time.perf_counter()
             try:
                 next(pad)
             except DataExhausted:
                 pad_done = True
+            sync()
             secs["padded"] += time.perf_counter() - t0
     buffer_pos = buf.counters["contexts"] * args.ctx_len
     out = {
@@ -151,6 +162,7 @@ def main() -> None:
         "text_source": source,
         "threads": args.threads,
         "device": str(model.device),
+        "dtype": args.dtype,
         "seconds": {k: round(v, 1) for k, v in secs.items()},
     }
     if args.json:

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py --json            # prints ONE JSON object
     python benchmarks/bench_train.py --crossover --configs 576,4608,1024   # where 'auto' should switch
+    python benchmarks/bench_train.py --json --device cuda --autocast bfloat16  # on a GPU
 
 For each config (d, m, batch), fp32 on CPU, each measurement in a fresh subprocess run with
 OMP_WAIT_POLICY=PASSIVE (timings with OpenMP's default spinning wait policy are reported as well):
@@ -13,6 +14,11 @@ OMP_WAIT_POLICY=PASSIVE (timings with OpenMP's default spinning wait policy are 
                  the trainer exists (interpreter, torch and its optimiser modules, the input batch); net = peak − baseline is
                  compared with the minimum = params + grads + Adam state (2 × params) + one [B, m] fp32;
                  measured with default malloc settings and with MALLOC_MMAP_THRESHOLD_=262144.
+On a GPU (--device cuda) times are taken between torch.cuda.synchronize() calls, and memory is
+torch.cuda.max_memory_allocated() above what was allocated before the trainer (the input batch), against
+the same minimum. With --autocast the floor GEMM runs in that dtype, and dense_ms is the autograd
+path under torch.autocast (the hand-written dense path is fp32 only); autograd_ms is plain autograd
+in the same mode, on every device.
 The threshold of each latent is set to a quantile of its pre-activations on a sample batch so that
 L0 ~ 64 before timing (the init has W_enc = W_decᵀ, so a random init is otherwise dense).
 """
@@ -45,19 +51,37 @@ def _rss_mb(field: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+DEVICE, AUTOCAST = "cpu", None  # set from the command line in each worker
+
+
+def _sync():
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _dense_kind() -> str:
+    return "autograd" if AUTOCAST else "dense"
+
+
+def _quantile(pre: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-column q-quantile of pre [n, m] (nearest rank; torch.quantile refuses > 16M elements)."""
+    k = min(pre.shape[0], max(1, round(q * pre.shape[0])))
+    return pre.kthvalue(k, dim=0).values
+
+
 def _make(d: int, m: int, B: int, backward: str, seed: int = 0):
     from dictionary_learning.trainer import JumpReluTrainer
 
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, d, generator=g) / d**0.5  # E‖x‖² = 1
+    x = (torch.randn(B, d, generator=g) / d**0.5).to(DEVICE)  # E‖x‖² = 1
     trainer = JumpReluTrainer(
-        activation_dim=d, dict_size=m, device="cpu", dtype="float32", steps=1_000_000,
+        activation_dim=d, dict_size=m, device=DEVICE, dtype="float32", steps=1_000_000, autocast=AUTOCAST,
         warmup_steps=0, sparsity_warmup_steps=0, target_l0=TARGET_L0, backward=backward, seed=seed,
     )  # fmt: skip
     with torch.no_grad():  # L0 ~ 64: θ_j = the (1 − 64/m) quantile of latent j on a sample batch
-        sample = torch.randn(min(B, 1024), d, generator=g) / d**0.5
+        sample = (torch.randn(min(B, 1024), d, generator=g) / d**0.5).to(DEVICE)
         pre = trainer.ae.pre_activations(sample)
-        trainer.ae.threshold.copy_(torch.quantile(pre, 1 - TARGET_L0 / m, dim=0).clamp_min(0))
+        trainer.ae.threshold.copy_(_quantile(pre, 1 - TARGET_L0 / m).clamp_min(0))
         del pre
     return trainer, x
 
@@ -65,16 +89,23 @@ def _make(d: int, m: int, B: int, backward: str, seed: int = 0):
 def _median_ms(fn, reps: int) -> float:
     ts = []
     for _ in range(reps):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts) * 1e3
 
 
 def worker_timing(d: int, m: int, B: int, reps: int) -> dict:
     trainer, x = _make(d, m, B, "auto")
-    out = torch.empty(B, m)
+    out = torch.empty(B, m, device=DEVICE)
     W = trainer.ae.W_enc.detach()
+    if AUTOCAST:  # the floor is the GEMM in the autocast dtype
+        ad = getattr(torch, AUTOCAST)
+        out, W, x_floor = out.to(ad), W.to(ad), x.to(ad)
+    else:
+        x_floor = x
     step = [0]
 
     def update():
@@ -84,29 +115,34 @@ def worker_timing(d: int, m: int, B: int, reps: int) -> dict:
 
     for _ in range(2):  # warm-up
         update()
-        torch.mm(x, W, out=out)
+        torch.mm(x_floor, W, out=out)
     step_ts, floor_ts = [], []
     for _ in range(reps):  # interleaved so both see the same machine load
-        floor_ts.append(_median_ms(lambda: torch.mm(x, W, out=out), 1))
+        floor_ts.append(_median_ms(lambda: torch.mm(x_floor, W, out=out), 1))
         step_ts.append(_median_ms(update, 1))
     stats = update()
     backward = trainer.last_backward
-    trainer = out = None  # free them before the dense run
-    dense, x = _make(d, m, B, "dense")
-    dense.update(0, x)
-    dense_ts = [_median_ms(lambda: dense.update(1, x), 1) for _ in range(max(3, reps // 2))]
-    step_ms, floor_ms, dense_ms = (statistics.median(v) for v in (step_ts, floor_ts, dense_ts))
+    trainer = out = W = x_floor = None  # free them before the dense runs
+    other = {}
+    for kind in (_dense_kind(), "autograd") if DEVICE != "cpu" or AUTOCAST else (_dense_kind(),):
+        dense, x = _make(d, m, B, kind)
+        dense.update(0, x)
+        other[kind] = _median_ms(lambda t=dense, x=x: t.update(1, x), max(3, reps // 2))
+        dense = None
+    step_ms, floor_ms = statistics.median(step_ts), statistics.median(floor_ts)
+    dense_ms = other[_dense_kind()]
     return {
-        "step_ms": round(step_ms, 1),
-        "floor_ms": round(floor_ms, 1),
-        "dense_ms": round(dense_ms, 1),
+        "step_ms": round(step_ms, 3),
+        "floor_ms": round(floor_ms, 3),
+        "dense_ms": round(dense_ms, 3),
+        **({"autograd_ms": round(other["autograd"], 3)} if "autograd" in other else {}),
         "tokens_per_s": round(B / step_ms * 1e3),
         "step_over_floor": round(step_ms / floor_ms, 3),
         "dense_over_step": round(dense_ms / step_ms, 3),
         "l0": round(stats["l0"], 2),
         "backward": backward,
-        "step_ms_all": [round(t, 1) for t in step_ts],
-        "floor_ms_all": [round(t, 1) for t in floor_ts],
+        "step_ms_all": [round(t, 3) for t in step_ts],
+        "floor_ms_all": [round(t, 3) for t in floor_ts],
     }
 
 
@@ -124,14 +160,16 @@ def worker_crossover(d: int, m: int, B: int, reps: int) -> dict:
     rows = []
     for rho in DENSITIES:
         with torch.no_grad():
-            ae.threshold.copy_(torch.quantile(pre, 1 - rho, dim=0).clamp_min(0))
+            ae.threshold.copy_(_quantile(pre, 1 - rho).clamp_min(0))
         t = {}
-        for kind in ("sparse", "dense"):
+        for kind in ("sparse", _dense_kind()):
             trainer.compute_grads(x, 1.0, backward=kind)  # warm-up
             t[kind] = _median_ms(
                 lambda kind=kind: trainer.compute_grads(x, 1.0, backward=kind), max(3, reps // 3)
             )
-        rows.append({"density": rho, "sparse_ms": round(t["sparse"], 1), "dense_ms": round(t["dense"], 1)})
+        rows.append(
+            {"density": rho, "sparse_ms": round(t["sparse"], 3), "dense_ms": round(t[_dense_kind()], 3)}
+        )
     cross = None
     for a, b in zip(rows, rows[1:]):
         da, db = a["sparse_ms"] - a["dense_ms"], b["sparse_ms"] - b["dense_ms"]
@@ -184,9 +222,35 @@ def worker_rss(d: int, m: int, B: int, steps: int) -> dict:
     }
 
 
+def worker_cuda_mem(d: int, m: int, B: int, steps: int) -> dict:
+    """Peak GPU memory of the training loop above what exists before the trainer (the input batch)."""
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() / 2**20
+    trainer, x = _make(d, m, B, "auto")
+    trainer.update(0, x)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for s in range(1, steps):
+        trainer.update(s, x)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    n_params = sum(p.numel() for p in trainer.params.values())
+    minimum = (4 * n_params + B * m) * 4 / 2**20  # params + grads + exp_avg + exp_avg_sq, one [B, m]
+    return {
+        "cuda_peak_allocated_mb": round(peak, 1),
+        "cuda_baseline_mb": round(base, 1),
+        "net_peak_mb": round(peak - base, 1),
+        "min_mb": round(minimum, 1),
+        "net_over_min": round((peak - base) / minimum, 3),
+        "backward_mem_run": trainer.last_backward,
+    }
+
+
 def run_worker(kind: str, d: int, m: int, B: int, args, env_extra: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--shape", f"{d},{m},{B}",
-           "--reps", str(args.reps), "--threads", str(args.threads)]  # fmt: skip
+           "--reps", str(args.reps), "--threads", str(args.threads), "--device", args.device]  # fmt: skip
+    if args.autocast:
+        cmd += ["--autocast", args.autocast]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env_extra or {})}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -203,17 +267,29 @@ def main():
                     help="'d,m,batch;d,m,batch'")  # fmt: skip
     ap.add_argument("--crossover", action="store_true",
                     help="instead: sparse vs dense compute_grads time by density, and the crossover")  # fmt: skip
-    ap.add_argument("--worker", choices=["timing", "rss", "crossover"], help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cpu", help="cpu (the targets) or cuda")
+    ap.add_argument("--autocast", default=None, help="matmul dtype, e.g. bfloat16 (TrainerConfig.autocast)")
+    ap.add_argument("--worker", choices=["timing", "rss", "crossover", "cuda_mem"], help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
+    global DEVICE, AUTOCAST
+    DEVICE = args.device
+    AUTOCAST = (
+        None
+        if args.autocast is None
+        else {"bf16": "bfloat16", "fp16": "float16"}.get(args.autocast, args.autocast)
+    )
+    cuda = DEVICE.startswith("cuda")
     if args.worker:
         d, m, B = (int(v) for v in args.shape.split(","))
         if args.worker == "timing":
             out = worker_timing(d, m, B, args.reps)
         elif args.worker == "rss":
             out = worker_rss(d, m, B, 4)
+        elif args.worker == "cuda_mem":
+            out = worker_cuda_mem(d, m, B, 4)
         else:
             out = worker_crossover(d, m, B, args.reps)
         print(json.dumps(out))
@@ -223,13 +299,20 @@ def main():
         for spec in args.configs.split(";"):
             d, m, B = (int(v) for v in spec.split(","))
             res[f"d{d}_m{m}_b{B}"] = run_worker("crossover", d, m, B, args, {"OMP_WAIT_POLICY": "PASSIVE"})
-        print(json.dumps({"crossover": res, "meta": {"threads": args.threads, "torch": torch.__version__}}))
+        meta = {"threads": args.threads, "torch": torch.__version__, "device": DEVICE, "autocast": AUTOCAST}
+        print(json.dumps({"crossover": res, "meta": meta}))
         return
     results = {}
     passive = {"OMP_WAIT_POLICY": "PASSIVE"}
     for spec in args.configs.split(";"):
         d, m, B = (int(v) for v in spec.split(","))
-        res = {"d": d, "m": m, "batch": B, "dtype": "float32", "device": "cpu", "env": passive}
+        res = {"d": d, "m": m, "batch": B, "dtype": "float32", "autocast": AUTOCAST, "device": DEVICE}
+        if cuda:
+            res.update(run_worker("timing", d, m, B, args))
+            res.update(run_worker("cuda_mem", d, m, B, args))
+            results[f"d{d}_m{m}_b{B}"] = res
+            continue
+        res["env"] = passive
         res.update(run_worker("timing", d, m, B, args, passive))
         # The same with OpenMP's default (spinning) wait policy: on a shared, oversubscribed CPU every
         # small parallel op then waits for a descheduled thread, which inflates the many small ops of
@@ -247,6 +330,8 @@ def main():
         results[f"d{d}_m{m}_b{B}"] = res
     meta = {"threads": args.threads, "reps": args.reps, "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "load_avg": os.getloadavg()}  # fmt: skip
+    if cuda:
+        meta["gpu"] = torch.cuda.get_device_name()
     print(json.dumps({"configs": results, "meta": meta}))
 
 

@@ -177,6 +177,7 @@ def sweep(cfg: DemoConfig, d_model: int, steps: int) -> list:
             sparsity_warmup_steps=cfg.sparsity_warmup_steps,
             decay_start=cfg.decay_start,
             device=cfg.device,
+            autocast=cfg.sae_autocast,
             **sp,
         )
         for w, sp, lr, seed in itertools.product(cfg.widths, sparsity, cfg.lrs, cfg.seeds)

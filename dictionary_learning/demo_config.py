@@ -40,6 +40,9 @@ class DemoConfig:
     """'cpu', 'cuda', 'cuda:1'...; None: a GPU where present, else the CPU."""
     dtype: str = "float32"
     """Language-model dtype (bfloat16 on GPU; float32 on CPU, where bf16 matmuls are slow)."""
+    sae_autocast: str | None = None
+    """Dtype of the SAE's matrix products (TrainerConfig.autocast), e.g. 'bfloat16' on a GPU with fast
+    bf16; parameters and Adam state stay fp32. None: fp32 throughout (right on CPUs)."""
     cache_activations: bool = False
     """Harvest the training activations once into an on-disk cache and train from it (epochs re-read
     the cache instead of re-running the model). Right for small data sets; wrong for 49M-token runs."""

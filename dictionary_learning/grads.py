@@ -61,10 +61,10 @@ def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
 def candidates(xW: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor | None = None,
                max_count: float | None = None, chunk_bytes: int = 1 << 21) -> torch.Tensor | None:  # fmt: skip
     """Flat indices (ascending, int64) of the entries of xW [B, m] with lo < xW (and xW < hi), lo and
-    hi [m]; a few rows at a time so the bool masks stay in cache (no [B, m] mask). None as soon as
-    more than max_count are found."""
+    hi [m]; on CPU a few rows at a time so the bool masks stay in cache (no [B, m] mask). None as
+    soon as more than max_count are found."""
     B, m = xW.shape
-    rows = max(1, min(B, chunk_bytes // m))
+    rows = max(1, min(B, chunk_bytes // m)) if xW.device.type == "cpu" else B  # GPU: one pass
     buf = torch.empty(rows, m, dtype=torch.bool, device=xW.device)
     buf2 = None if hi is None else torch.empty_like(buf)
     out, n = [], 0
@@ -92,9 +92,10 @@ def _bags(offsets, idx, weights, src, out=None, block_bytes: int = 1 << 21):
     """Weighted sums of rows of src [N, d]: bag i = Σ_{p in offsets[i]:offsets[i+1]} weights[p] ·
     src[idx[p]] -> [len(offsets) − 1, d]. Into `out` if given, a block of bags at a time (embedding_bag
     has no out=; small blocks mean no fresh [bags, d] tensor per step: no page faults, and glibc's
-    heap does not grow, as it does once a multi-MB block is freed every step)."""
-    if out is None:
-        return F.embedding_bag(idx, src, offsets[:-1], mode="sum", per_sample_weights=weights)
+    heap does not grow, as it does once a multi-MB block is freed every step). GPU: one call."""
+    if out is None or src.device.type != "cpu":
+        bags = F.embedding_bag(idx, src, offsets[:-1], mode="sum", per_sample_weights=weights)
+        return bags if out is None else out.copy_(bags)
     n_bags, d = out.shape
     step = max(1, block_bytes // (src.element_size() * d))
     for i in range(0, n_bags, step):

@@ -72,6 +72,10 @@ class TrainerConfig:
     """None: cuda if available, else cpu."""
     dtype: str = "float32"
     """Dtype of W_enc, W_dec, b_enc, b_dec (threshold is always fp32)."""
+    autocast: str | None = None
+    """'bfloat16' / 'float16': matrix products in that dtype, parameters and Adam state in `dtype`
+    (torch.autocast's rule): the encoder GEMM in every backward, and the dense phase through
+    autograd under torch.autocast. For GPUs with fast bf16; on CPUs without it this is slower."""
     norm_factor: float | None = None
     """x is divided by this inside update (sqrt(E‖x‖²)); None: no scaling until set_norm_factor."""
     unit_norm_decoder: bool = True
@@ -126,6 +130,15 @@ class TrainerConfig:
         if not 0 <= self.sparse_max_density <= 1:
             bad("sparse_max_density", "must be in [0, 1]")
         self.dtype = dtype_name(parse_dtype(self.dtype))
+        if self.autocast is not None:
+            self.autocast = dtype_name(parse_dtype(self.autocast))
+            if self.autocast not in ("bfloat16", "float16"):
+                bad("autocast", "must be 'bfloat16', 'float16' or None")
+            if self.backward == "dense":
+                bad(
+                    "backward",
+                    "'dense' is the fp32 hand-written path; with autocast use 'auto', 'sparse' or 'autograd'",
+                )
         self.device = str(self.device or default_device())
 
     @property
@@ -269,28 +282,35 @@ class JumpReluTrainer:
         (tensors: loss, mse, sparsity_loss, l0, x_hat [B, d] (valid until the next call), mean_err
         [d] = mean(x̂ − x), fired [m] bool). `backward` overrides cfg.backward (see grads.py):
         'sparse', 'dense', 'autograd', or 'auto' = sparse while at most sparse_max_density of the
-        pairs are candidates, else dense (autograd for dtypes other than fp32)."""
+        pairs are candidates, else dense (autograd for dtypes other than fp32 and under autocast)."""
         c, ae = self.cfg, self.ae
         kind = backward or c.backward
         if kind not in BACKWARDS:
             raise ValueError(f"backward must be one of {BACKWARDS}, got {kind!r}")
+        if kind == "dense" and c.autocast:
+            raise ValueError("backward='dense' is the fp32 hand-written path; not with autocast")
         B, m = x.shape[0], c.dict_size
         out = self._grad_buffers() if kind != "autograd" else None
         for p in self.params.values():
             p.grad = None
+        ac = parse_dtype(c.autocast) if c.autocast else None
         with torch.no_grad():
             if self._pre_buf is None or self._pre_buf.shape[0] != B:  # reused: a fresh [B, m]
                 self._pre_buf = self._scratch = None  # tensor costs page faults every step
                 self._pre_buf = torch.empty(B, m, dtype=x.dtype, device=x.device)
-            xW = torch.mm(x, ae.W_enc, out=self._pre_buf)  # the one dense GEMM; b_enc added later
+            if ac is None:  # the one dense GEMM; b_enc added later
+                xW = torch.mm(x, ae.W_enc, out=self._pre_buf)
+            else:
+                xW = self._pre_buf.copy_(torch.mm(x.to(ac), ae.W_enc.to(ac)))
         args = (x, xW, ae.b_enc, ae.W_dec, ae.b_dec, ae.threshold, c.bandwidth,
                 lambda l0: self.sparsity_penalty(l0, coeff))  # fmt: skip
         res = None
         if kind == "sparse" or (kind == "auto" and c.dtype == "float32"):
             max_density = None if kind == "sparse" else c.sparse_max_density
             res, self.last_backward = sparse_grads(*args, max_density=max_density, out=out), "sparse"
-        if res is None and (kind == "autograd" or c.dtype != "float32"):
-            res, self.last_backward = autograd_grads(*args), "autograd"
+        if res is None and (kind == "autograd" or c.dtype != "float32" or ac is not None):
+            with torch.autocast(x.device.type, dtype=ac or torch.float32, enabled=ac is not None):
+                res, self.last_backward = autograd_grads(*args), "autograd"
         elif res is None:
             if self._scratch is None:  # ∂L/∂f [B, m], kept while the dense path is in use
                 self._scratch = torch.empty_like(self._pre_buf)
@@ -300,7 +320,7 @@ class JumpReluTrainer:
         grads, stats = res
         grads["W_enc"] = grads["W_enc"].T  # [m, d], the layout of params["W_enc"]
         for n, g in grads.items():
-            self.params[n].grad = g
+            self.params[n].grad = g.to(self.params[n].dtype)  # no-op unless autocast made it bf16
         return stats._asdict()
 
     def _grad_buffers(self) -> dict:

@@ -4,6 +4,7 @@ input, and recovery of known features from synthetic superposition data."""
 import copy
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -12,10 +13,13 @@ from safetensors.torch import load_file, save_file
 from dictionary_learning.dictionary import JumpReluAutoEncoder
 from dictionary_learning.trainer import JumpReluTrainer, TrainerConfig, estimate_norm_factor
 
+# SAE_TEST_DEVICE=cuda runs these tests on a GPU (benchmarks/gpu_checks.sh does); CI is CPU-only.
+DEVICE = os.environ.get("SAE_TEST_DEVICE", "cpu")
+
 # Small-problem settings. The paper's ε = θ₀ = 0.001 and lr 7e-5 are tuned for d = 2304 and
 # billions of tokens; on a d = 16-32 toy with ~4 features of size ~1 per token, θ would barely move
 # in a few hundred steps, so these tests use lr 3e-3, ε = 0.1, θ₀ = 0.2.
-SMALL = dict(lr=3e-3, bandwidth=0.1, threshold_init=0.2, device="cpu")
+SMALL = dict(lr=3e-3, bandwidth=0.1, threshold_init=0.2, device=DEVICE)
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +52,7 @@ def randomise(trainer, seed=0, quantile=0.9, window_frac=0.05):
     Returns x [B, d]."""
     c, ae = trainer.cfg, trainer.ae
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(96, c.activation_dim, generator=g) / c.activation_dim**0.5
+    x = (torch.randn(96, c.activation_dim, generator=g) / c.activation_dim**0.5).to(DEVICE)
     with torch.no_grad():
         ae.b_enc.copy_(torch.randn(c.dict_size, generator=g) * 0.05)
         ae.b_dec.copy_(torch.randn(c.activation_dim, generator=g) * 0.05)
@@ -56,7 +60,7 @@ def randomise(trainer, seed=0, quantile=0.9, window_frac=0.05):
         ae.threshold.copy_(torch.quantile(pre, quantile, dim=0).clamp_min(0) + 1e-4)
         # nudge some latents so a token sits at θ ± ε/4 (inside the window, both sides)
         n = max(1, int(window_frac * c.dict_size))
-        shift = torch.where(torch.arange(n) % 2 == 0, 0.25, -0.25) * c.bandwidth
+        shift = (torch.where(torch.arange(n) % 2 == 0, 0.25, -0.25) * c.bandwidth).to(DEVICE)
         ae.threshold[:n] = pre[0, :n] - shift
         ae.threshold.clamp_(min=0)
     return x
@@ -92,7 +96,7 @@ def test_name_encodes_width_sparsity_lr_seed():
 
 
 def test_config_complete_and_json_round_trip():
-    t = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", seed=5, steps=123)
+    t = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, seed=5, steps=123)
     t.set_norm_factor(2.5)
     cfg = json.loads(json.dumps(t.config))
     for key in ("lr", "sparsity_mode", "sparsity_coeff", "target_l0", "bandwidth", "threshold_init", "steps",
@@ -105,7 +109,7 @@ def test_config_complete_and_json_round_trip():
 
 
 def test_schedules():
-    t = JumpReluTrainer(activation_dim=4, dict_size=8, device="cpu", steps=100, warmup_steps=10,
+    t = JumpReluTrainer(activation_dim=4, dict_size=8, device=DEVICE, steps=100, warmup_steps=10,
                         decay_start=0.8, sparsity_warmup_steps=20)  # fmt: skip
     # linear LR warm-up over 10 steps, constant, linear decay over the last 20% (steps 80..99)
     expected = {0: 0.1, 4: 0.5, 9: 1.0, 50: 1.0, 80: 1.0, 90: 0.5, 99: 0.05}
@@ -123,7 +127,7 @@ def test_schedules():
 @pytest.mark.parametrize("mode", ["l0", "target_l0"])
 @pytest.mark.parametrize("quantile", [0.5, 0.9, 0.99])
 def test_sparse_and_dense_gradients_agree_with_autograd(mode, quantile):
-    t = JumpReluTrainer(activation_dim=24, dict_size=80, device="cpu", sparsity_mode=mode, target_l0=3,
+    t = JumpReluTrainer(activation_dim=24, dict_size=80, device=DEVICE, sparsity_mode=mode, target_l0=3,
                         bandwidth=0.02, sparsity_coeff=0.7, seed=1)  # fmt: skip
     x = randomise(t, seed=2, quantile=quantile)
     grads, stats = {}, {}
@@ -149,7 +153,7 @@ def test_sparse_and_dense_gradients_agree_with_autograd(mode, quantile):
 def test_gradients_written_in_place(kind):
     """The W_dec / W_enc gradients are computed into last step's tensors (sparse: block-wise bags):
     same gradients as autograd, and the storage is reused across steps."""
-    t = JumpReluTrainer(activation_dim=24, dict_size=80, device="cpu", backward=kind, bandwidth=0.02)
+    t = JumpReluTrainer(activation_dim=24, dict_size=80, device=DEVICE, backward=kind, bandwidth=0.02)
     x = randomise(t, seed=2, quantile=0.9)
     t.compute_grads(x, coeff=0.7, backward="autograd")
     ref = {n: p.grad.clone() for n, p in t.params.items()}
@@ -163,7 +167,7 @@ def test_gradients_written_in_place(kind):
 
 
 def test_auto_picks_dense_when_dense_and_sparse_when_sparse():
-    t = JumpReluTrainer(activation_dim=16, dict_size=64, device="cpu", sparse_max_density=0.1)
+    t = JumpReluTrainer(activation_dim=16, dict_size=64, device=DEVICE, sparse_max_density=0.1)
     x = randomise(t, quantile=0.5)
     t.compute_grads(x, 1.0)
     assert t.last_backward == "dense"
@@ -175,7 +179,7 @@ def test_auto_picks_dense_when_dense_and_sparse_when_sparse():
 def test_optimizer_step_is_dense_adam():
     """Latents that don't fire get zero gradient: with β1 = 0 their parameters must not move while
     exp_avg_sq still decays by β2, exactly as dense torch.optim.Adam does (no lazy/sparse Adam)."""
-    t = JumpReluTrainer(activation_dim=16, dict_size=32, device="cpu", unit_norm_decoder=False,
+    t = JumpReluTrainer(activation_dim=16, dict_size=32, device=DEVICE, unit_norm_decoder=False,
                         max_grad_norm=None, warmup_steps=0, lr=1e-3, backward="sparse")  # fmt: skip
     x = randomise(t, quantile=0.9, window_frac=0.0)
     t.update(0, x)  # every Adam state entry now non-zero somewhere
@@ -214,7 +218,7 @@ def test_optimizer_step_is_dense_adam():
 
 def test_threshold_never_negative():
     # no sparsity pressure, big lr: the reconstruction term pushes θ down into the clamp
-    t = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", sparsity_coeff=0.0, lr=0.05,
+    t = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, sparsity_coeff=0.0, lr=0.05,
                         bandwidth=0.2, threshold_init=0.01, warmup_steps=0)  # fmt: skip
     g = torch.Generator().manual_seed(0)
     hit_zero = False
@@ -226,11 +230,11 @@ def test_threshold_never_negative():
 
 
 def test_same_seed_same_weights():
-    a = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", seed=7)
-    b = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", seed=7)
-    c = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", seed=8)
+    a = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, seed=7)
+    b = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, seed=7)
+    c = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, seed=8)
     torch.manual_seed(123)  # the global RNG must not matter
-    d = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", seed=7)
+    d = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, seed=7)
     for n in a.params:
         assert torch.equal(a.params[n], b.params[n]) and torch.equal(a.params[n], d.params[n])
     assert not torch.equal(a.ae.W_dec, c.ae.W_dec)
@@ -271,11 +275,11 @@ def test_recovers_ground_truth_features():
     t.set_norm_factor(estimate_norm_factor([sample(1024)[0] for _ in range(4)]))
     for s in range(steps):
         t.update(s, sample(256)[0])
-    W = t.ae.W_dec.detach()
+    W = t.ae.W_dec.detach().cpu()
     mmcs = (V @ (W / W.norm(dim=1, keepdim=True)).T).max(1).values
     assert mmcs.mean() >= 0.9, mmcs
     x, n_true = sample(4096)
-    l0 = (t.folded_ae().encode(x) > 0).float().sum(1).mean()
+    l0 = (t.folded_ae().encode(x.to(DEVICE)) > 0).float().sum(1).mean().cpu()
     assert abs(l0 - n_true.mean()) <= 0.3 * n_true.mean(), (float(l0), float(n_true.mean()))
 
 
@@ -291,12 +295,12 @@ def test_estimate_norm_factor():
     with pytest.raises(ValueError, match="batch 1 contains NaN"):
         estimate_norm_factor([x, torch.full((2, 6), float("nan"))])
     with pytest.raises(ValueError, match="finite number > 0"):
-        JumpReluTrainer(activation_dim=6, dict_size=8, device="cpu").set_norm_factor(0.0)
+        JumpReluTrainer(activation_dim=6, dict_size=8, device=DEVICE).set_norm_factor(0.0)
 
 
 def test_update_divides_by_norm_factor():
-    a = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", backward="dense")
-    b = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", backward="dense")
+    a = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, backward="dense")
+    b = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, backward="dense")
     b.set_norm_factor(4.0)
     x = torch.randn(32, 8)
     assert a.update(0, x)["mse"] == pytest.approx(b.update(0, 4.0 * x)["mse"], rel=1e-5)
@@ -304,7 +308,7 @@ def test_update_divides_by_norm_factor():
 
 def test_folded_sae_takes_raw_activations(tmp_path):
     f = 3.7
-    t = JumpReluTrainer(activation_dim=12, dict_size=40, device="cpu", norm_factor=f)
+    t = JumpReluTrainer(activation_dim=12, dict_size=40, device=DEVICE, norm_factor=f)
     randomise(t, quantile=0.8)
     x = torch.randn(64, 12) * f
     folded = t.folded_ae()
@@ -366,14 +370,14 @@ def test_exact_resume(tmp_path, backward):
 
 
 def test_load_state_rejects_other_config():
-    a = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", lr=1e-3)
-    b = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", lr=2e-3)
+    a = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, lr=1e-3)
+    b = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, lr=2e-3)
     with pytest.raises(ValueError, match="lr"):
         b.load_state_dict(*a.state_dict())
 
 
 def test_dead_latent_counters():
-    t = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", dead_feature_threshold=100,
+    t = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, dead_feature_threshold=100,
                         lr=1e-6, warmup_steps=0)  # fmt: skip
     with torch.no_grad():
         t.ae.threshold[:4] = 1e6  # latents 0..3 can never fire
@@ -388,7 +392,7 @@ def test_dead_latent_counters():
 
 
 def test_bad_inputs_named():
-    t = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu")
+    t = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE)
     x = torch.randn(4, 8)
     x[1, 2] = float("nan")
     with pytest.raises(FloatingPointError, match="step 3: input batch contains NaN"):
@@ -404,7 +408,7 @@ def test_bad_inputs_named():
 
 
 def test_update_returns_floats():
-    out = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu").update(0, torch.randn(4, 2, 8))
+    out = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE).update(0, torch.randn(4, 2, 8))
     keys = {
         "loss",
         "mse",
@@ -419,7 +423,7 @@ def test_update_returns_floats():
 
 
 def test_frac_variance_explained_definition():
-    t = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu")
+    t = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE)
     x = randomise(t, quantile=0.5)
     x_hat = t.ae(x).detach()  # the stats describe the weights before the step
     fve = 1 - (x - x_hat).var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum()
@@ -430,8 +434,59 @@ def test_frac_variance_explained_definition():
 
 
 def test_bf16_runs_autograd_with_fp32_threshold():
-    t = JumpReluTrainer(activation_dim=8, dict_size=16, device="cpu", dtype="bfloat16")
+    t = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, dtype="bfloat16")
     for s in range(3):
         out = t.update(s, torch.randn(16, 8))
     assert t.last_backward == "autograd" and math.isfinite(out["loss"])
     assert t.ae.W_enc.dtype == torch.bfloat16 and t.ae.threshold.dtype == torch.float32
+
+
+@pytest.mark.parametrize("k,expect", [(8, "autograd"), (14, "sparse")])
+def test_autocast_bf16_close_to_fp32_with_fp32_state(k, expect):
+    """autocast='bfloat16': GEMMs in bf16 (the dense phase through autograd under torch.autocast),
+    parameters, gradients and Adam state fp32; gradients within bf16 rounding of the fp32 ones, and
+    not bitwise equal to them (the bf16 products really ran). θ_j sits mid-way between the k-th and
+    (k+1)-th of 16 tokens' pre-activations (latents where those are too close are switched off), so
+    bf16 rounding flips no pair across θ."""
+    kw = dict(
+        activation_dim=64, dict_size=256, device=DEVICE, bandwidth=0.001, seed=1, sparse_max_density=0.2
+    )
+    ref, t = JumpReluTrainer(**kw), JumpReluTrainer(**kw, autocast="bf16")
+    assert t.cfg.autocast == "bfloat16"
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(16, 64, generator=g) / 8).to(DEVICE)
+    with torch.no_grad():
+        for tr in (ref, t):
+            tr.ae.b_enc.fill_(1.0)  # all z > 0, so no θ is clamped to 0
+        z = ref.ae.pre_activations(x)
+        err = ((x.bfloat16() @ ref.ae.W_enc.bfloat16()).float() + ref.ae.b_enc - z).abs().max()
+        zs = z.sort(0).values
+        theta = (zs[k - 1] + zs[k]) / 2
+        theta[zs[k] - zs[k - 1] < 4 * err] = zs[-1][zs[k] - zs[k - 1] < 4 * err] + 1  # too close: off
+        for tr in (ref, t):
+            tr.ae.threshold.copy_(theta)
+    assert (z - theta).abs().min() > 2 * err  # no pair can flip across θ
+    assert (theta <= zs[-1]).float().mean() > 0.5  # most latents are live
+    ref.compute_grads(x, coeff=0.7, backward="autograd")
+    t.compute_grads(x, coeff=0.7)
+    assert t.last_backward == expect
+    for n in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        g, g_ref = t.params[n].grad, ref.params[n].grad
+        assert g.dtype == torch.float32 and t.params[n].dtype == torch.float32, n
+        assert (g - g_ref).norm() <= 0.02 * g_ref.norm(), n
+        assert not torch.equal(g, g_ref), n
+    out = t.update(0, x)
+    assert (
+        math.isfinite(out["loss"])
+        and t.optimizer.state[t.params["W_dec"]]["exp_avg_sq"].dtype == torch.float32
+    )
+
+
+def test_autocast_config_errors():
+    with pytest.raises(ValueError, match="autocast"):
+        TrainerConfig(8, 16, autocast="float32")
+    with pytest.raises(ValueError, match="backward"):
+        TrainerConfig(8, 16, autocast="bfloat16", backward="dense")
+    t = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, autocast="bfloat16")
+    with pytest.raises(ValueError, match="dense"):
+        t.compute_grads(torch.randn(4, 8, device=DEVICE), 1.0, backward="dense")
