@@ -21,16 +21,13 @@ step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 
-step "trainer and JumpReLU tests on CUDA"
-SAE_TEST_DEVICE=cuda timeout 150 python3 -m pytest tests/test_trainer.py tests/test_jumprelu.py -q -p no:cacheprovider 2>&1 | tail -25
-
 step "bench_train fp32 and bf16 autocast"
 CFGS="576,4608,4096;2304,16384,1024;2304,65536,4096"
 timeout 120 python3 benchmarks/bench_train.py --json --device cuda --reps 15 --configs "$CFGS" | tee "$OUT/train_fp32.json"
 timeout 120 python3 benchmarks/bench_train.py --json --device cuda --reps 15 --configs "$CFGS" --autocast bfloat16 | tee "$OUT/train_bf16.json"
-XC="2304,65536,4096"
-timeout 90 python3 benchmarks/bench_train.py --crossover --device cuda --reps 6 --configs "$XC" | tee "$OUT/crossover_fp32.json"
-timeout 90 python3 benchmarks/bench_train.py --crossover --device cuda --reps 6 --configs "$XC" --autocast bfloat16 | tee "$OUT/crossover_bf16.json"
+
+step "trainer and JumpReLU tests on CUDA"
+SAE_TEST_DEVICE=cuda timeout 150 python3 -m pytest tests/test_trainer.py tests/test_jumprelu.py -q -p no:cacheprovider 2>&1 | tail -25
 
 step "bench_harvest: random-weight SmolLM2-135M (bf16) and Gemma-2-2B (bf16, layer 20)"
 timeout 60 python3 benchmarks/random_model.py smollm2 /tmp/smol --tokenizer .gpu/smollm2
@@ -40,6 +37,11 @@ timeout 90 python3 benchmarks/random_model.py gemma-2-2b /tmp/gemma --tokenizer 
 timeout 120 python3 benchmarks/bench_harvest.py --json --device cuda --dtype bfloat16 --model /tmp/gemma \
   --layer 20 --ctx-len 1024 --lm-batch 8 --positions 65536 --padded-texts 32 | tee -a "$OUT/harvest.json"
 rm -rf /tmp/gemma
+
+step "sparse vs dense crossover on the GPU"
+XC="2304,65536,4096"
+timeout 90 python3 benchmarks/bench_train.py --crossover --device cuda --reps 6 --configs "$XC" | tee "$OUT/crossover_fp32.json"
+timeout 90 python3 benchmarks/bench_train.py --crossover --device cuda --reps 6 --configs "$XC" --autocast bfloat16 | tee "$OUT/crossover_bf16.json"
 
 step "demo.py on CUDA (random-weight SmolLM2: checks the pipeline, not the metrics)"
 timeout 150 python3 dictionary_learning/demo.py --model /tmp/smol --device cuda --dtype bfloat16 \
