@@ -357,9 +357,14 @@ def build_dataset(
     source="sample", seed=0, validation_fraction=0.1, skip_bad=False, dedup=True, sample_dir=None
 ):
     """DatasetDict with "train" and "validation" splits, columns text and source_dataset."""
-    splits, summary = build_splits(source, seed, validation_fraction, skip_bad, dedup, sample_dir)
+    return to_dataset_dict(logged_splits(source, seed, validation_fraction, skip_bad, dedup, sample_dir))
+
+
+def logged_splits(source, *args) -> dict[str, list[dict]]:
+    """build_splits(source, *args)'s splits, with its summary logged."""
+    splits, summary = build_splits(source, *args)
     log.info("built %s dataset: %s", source, json.dumps(summary))
-    return to_dataset_dict(splits)
+    return splits
 
 
 def format_summary(summary: dict) -> str:
@@ -431,10 +436,10 @@ def load_texts(spec: str, split: str = "train", seed: int = 0, validation_fracti
     .jsonl/.json/.txt/.parquet file with a `text` field, or a Hub dataset id with a `text` column."""
     spec = str(spec)
     if spec in ("sample", "hub"):
-        dd = build_dataset(spec, seed=seed, validation_fraction=validation_fraction)
-        if split not in dd:
-            raise ValueError(f"{spec}: no split {split!r} (available: {sorted(dd)})")
-        return list(dd[split]["text"])
+        splits = logged_splits(spec, seed, validation_fraction)  # no Arrow round trip
+        if split not in splits:
+            raise ValueError(f"{spec}: no split {split!r} (available: {sorted(splits)})")
+        return [r["text"] for r in splits[split]]
     path = Path(spec).expanduser()
     if path.is_dir():
         import datasets

@@ -80,6 +80,21 @@ def candidates(xW: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor | None = Non
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
+def sum_by(index: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """Σ of values [k] per id of index [k] in [0, n) -> [n]. index_add_ on CPU (deterministic there);
+    elsewhere a stable sort by id and per-segment sums, because CUDA's index_add_ accumulates with
+    atomics in a varying order, and the same state must give the same bits (exact resume)."""
+    if values.device.type == "cpu":
+        return torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, index, values)
+    return segment_sums(index, values, n)
+
+
+def segment_sums(index: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """sum_by's device-independent deterministic path (used off the CPU)."""
+    order = torch.argsort(index, stable=True)
+    return torch.segment_reduce(values.index_select(0, order), "sum", offsets=_offsets(index, n), unsafe=True)
+
+
 def _split(flat: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat indices into [B, m] -> (rows, cols), int32 when that fits (faster gathers and bags)."""
     if flat.numel() == 0 or int(flat[-1]) < 2**31:
@@ -129,7 +144,7 @@ def _threshold_grad(z, th, g_f, cols, threshold, bandwidth, dsp_dl0, B) -> torch
     Step −(1/ε)·K·∂L/∂H with ∂L/∂H = S'(L0)/B. Pairs outside the kernel window add 0."""
     k = kernel(z, th, bandwidth)  # K((z − θ)/ε), exactly as the autograd functions compute it
     g = k.mul_(-(th / bandwidth) * g_f - dsp_dl0.to(k.dtype) / (bandwidth * B))
-    return torch.zeros_like(threshold).index_add_(0, cols, g)
+    return sum_by(cols, g, threshold.shape[0])
 
 
 def _reconstruction(x: torch.Tensor, x_hat: torch.Tensor, err_out: torch.Tensor | None = None):
@@ -200,8 +215,10 @@ def sparse_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: 
     g_f = torch.sparse.sampled_addmm(_csr(t_offsets, cols, z, (B, m)), g_xhat, W_dec.T, beta=0.0).values()
     g_threshold = _threshold_grad(z, th, g_f, cols, threshold, eps, dsp_dl0, B)
     g_z = g_f.mul_(active)  # ∂f/∂z = H(z − θ); the step passes nothing to z
-    g_b_enc = torch.zeros_like(b_enc).index_add_(0, cols, g_z)
-    fired = torch.zeros(m, dtype=torch.int32, device=x.device).index_add_(0, cols, active.int()) > 0
+    g_b_enc = sum_by(cols, g_z, m)
+    fired = (
+        torch.zeros(m, dtype=torch.int32, device=x.device).index_add_(0, cols, active.int()) > 0
+    )  # ints: exact
     del z, th, t_offsets
 
     # Per-latent bags: pairs re-sorted by latent (a stable sort keeps the tokens ascending in each).

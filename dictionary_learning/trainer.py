@@ -33,6 +33,14 @@ from .jumprelu import SPARSITY_MODES, sparsity_loss
 from .utils import default_device, dtype_name, parse_dtype
 
 BACKWARDS = ("auto", "sparse", "dense", "autograd")
+# Where 'auto' switches from the sparse to the dense backward, by device and autocast, from the
+# crossover of sparse vs dense compute_grads (bench_train.py --crossover):
+#   CPU (2 threads, fp32): 0.09 at d=2304, m=16384, B=1024; 0.16 at d=576, m=4608, B=4096; 0.3 at
+#     d=576, m=4608, B=1024. 0.1 is right where a wrong choice costs most (the large SAE).
+#   H200, fp32: 0.023 at d=2304, m=65536, B=4096. bf16 autocast: the dense step (bf16 GEMMs) is
+#     faster from density 0.02 up; the sparse step won at density 0.0009 (m=65536, L0 ~60: 23 vs
+#     34 ms) and lost at 0.0034 (m=16384, L0 ~55: 6.4 vs 5.0 ms) and 0.012 (m=4608: 3.8 vs 3.1 ms).
+SPARSE_MAX_DENSITY = {("cpu", False): 0.1, ("cpu", True): 0.1, ("gpu", False): 0.02, ("gpu", True): 0.002}
 STATE_FORMAT = 1
 
 
@@ -84,12 +92,9 @@ class TrainerConfig:
     """A latent is dead after this many tokens without firing."""
     backward: str = "auto"
     """'sparse' (active pairs only), 'dense' ([B, m] GEMMs), 'autograd' (reference), or 'auto'."""
-    sparse_max_density: float = 0.1
+    sparse_max_density: float | None = None
     """'auto' uses the sparse backward when the fraction of (token, latent) pairs near or above θ
-    is below this. Measured crossover of sparse vs dense compute_grads (bench_train.py --crossover,
-    2 CPU threads, fp32): 0.09 at d=2304, m=16384, B=1024; 0.16 at d=576, m=4608, B=4096; 0.3 at
-    d=576, m=4608, B=1024. 0.1 is right where a wrong choice costs most (the large SAE) and at most
-    ~30% slow between 0.1 and the crossover for the small ones."""
+    is below this; None: the measured default for the device (SPARSE_MAX_DENSITY)."""
     extra: dict = field(default_factory=dict)
     """Free-form JSON metadata carried into config.json."""
 
@@ -127,7 +132,7 @@ class TrainerConfig:
             bad("norm_factor", "must be a finite number > 0 or None")
         if self.backward not in BACKWARDS:
             bad("backward", f"must be one of {BACKWARDS}")
-        if not 0 <= self.sparse_max_density <= 1:
+        if self.sparse_max_density is not None and not 0 <= self.sparse_max_density <= 1:
             bad("sparse_max_density", "must be in [0, 1]")
         self.dtype = dtype_name(parse_dtype(self.dtype))
         if self.autocast is not None:
@@ -226,6 +231,15 @@ class JumpReluTrainer:
     def name(self) -> str:
         return self.cfg.name
 
+    @property
+    def sparse_max_density(self) -> float:
+        """cfg.sparse_max_density, or the measured default for this device (SPARSE_MAX_DENSITY)."""
+        if self.cfg.sparse_max_density is not None:
+            return self.cfg.sparse_max_density
+        return SPARSE_MAX_DENSITY[
+            "cpu" if self.device.type == "cpu" else "gpu", self.cfg.autocast is not None
+        ]
+
     def set_norm_factor(self, f: float) -> None:
         """x is divided by f inside update (f = sqrt(E‖x‖²), see estimate_norm_factor)."""
         f = float(f)
@@ -306,7 +320,7 @@ class JumpReluTrainer:
                 lambda l0: self.sparsity_penalty(l0, coeff))  # fmt: skip
         res = None
         if kind == "sparse" or (kind == "auto" and c.dtype == "float32"):
-            max_density = None if kind == "sparse" else c.sparse_max_density
+            max_density = None if kind == "sparse" else self.sparse_max_density
             res, self.last_backward = sparse_grads(*args, max_density=max_density, out=out), "sparse"
         if res is None and (kind == "autograd" or c.dtype != "float32" or ac is not None):
             with torch.autocast(x.device.type, dtype=ac or torch.float32, enabled=ac is not None):

@@ -4,7 +4,7 @@ derived by hand from Rajamanoharan et al. 2024 (arXiv 2407.14435) §3 with K(u) 
 import pytest
 import torch
 
-from dictionary_learning.grads import _bags, candidates, flat_nonzero
+from dictionary_learning.grads import _bags, candidates, flat_nonzero, segment_sums, sum_by
 from dictionary_learning.jumprelu import (
     JumpReLUFunction,
     StepFunction,
@@ -135,3 +135,17 @@ def test_bags_into_out_match_direct_sums():
     assert got.data_ptr() == out.data_ptr()
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(_bags(offsets, idx, w, src), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_segment_sums_match_index_add(dtype):
+    """The GPU path of sum_by (stable sort + per-segment sums, deterministic) gives the sums that
+    index_add_ gives, empty segments included; on CPU sum_by is index_add_ itself."""
+    g = torch.Generator().manual_seed(3)
+    index = torch.randint(0, 9, (200,), generator=g).to(dtype)
+    index[index == 4] = 5  # id 4 never occurs
+    values = torch.randn(200, generator=g, dtype=torch.float64)
+    want = torch.zeros(11, dtype=torch.float64).index_add_(0, index, values)
+    torch.testing.assert_close(segment_sums(index, values, 11), want)
+    assert want[4] == 0 and want[9:].eq(0).all()
+    assert torch.equal(sum_by(index, values, 11), want)

@@ -167,7 +167,7 @@ def test_gradients_written_in_place(kind):
 
 
 def test_auto_picks_dense_when_dense_and_sparse_when_sparse():
-    t = JumpReluTrainer(activation_dim=16, dict_size=64, device=DEVICE, sparse_max_density=0.1)
+    t = JumpReluTrainer(activation_dim=16, dict_size=64, device=DEVICE)  # the device default
     x = randomise(t, quantile=0.5)
     t.compute_grads(x, 1.0)
     assert t.last_backward == "dense"
@@ -310,7 +310,7 @@ def test_folded_sae_takes_raw_activations(tmp_path):
     f = 3.7
     t = JumpReluTrainer(activation_dim=12, dict_size=40, device=DEVICE, norm_factor=f)
     randomise(t, quantile=0.8)
-    x = torch.randn(64, 12) * f
+    x = (torch.randn(64, 12) * f).to(DEVICE)
     folded = t.folded_ae()
     assert torch.equal(folded.W_enc, t.ae.W_enc) and torch.equal(folded.W_dec, t.ae.W_dec)
     f_norm = t.ae.encode(x / f)
@@ -319,7 +319,7 @@ def test_folded_sae_takes_raw_activations(tmp_path):
     torch.testing.assert_close(folded(x), f * t.ae(x / f), rtol=1e-5, atol=1e-5)
     live = {n: p.detach().clone() for n, p in t.params.items()}
     t.save(tmp_path, {"model_name": "toy"})
-    loaded = JumpReluAutoEncoder.from_pretrained(tmp_path)
+    loaded = JumpReluAutoEncoder.from_pretrained(tmp_path, device=DEVICE)
     assert torch.equal(loaded(x), folded(x))
     assert loaded.cfg["norm_factor"] == f and loaded.cfg["norm_factor_folded"] is True
     assert loaded.cfg["model_name"] == "toy"
