@@ -216,9 +216,7 @@ def sparse_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: 
     g_threshold = _threshold_grad(z, th, g_f, cols, threshold, eps, dsp_dl0, B)
     g_z = g_f.mul_(active)  # ∂f/∂z = H(z − θ); the step passes nothing to z
     g_b_enc = sum_by(cols, g_z, m)
-    fired = (
-        torch.zeros(m, dtype=torch.int32, device=x.device).index_add_(0, cols, active.int()) > 0
-    )  # ints: exact
+    fired = torch.zeros(m, dtype=torch.int32, device=x.device).index_add_(0, cols, active.int()) > 0
     del z, th, t_offsets
 
     # Per-latent bags: pairs re-sorted by latent (a stable sort keeps the tokens ascending in each).
