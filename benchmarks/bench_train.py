@@ -13,7 +13,8 @@ OMP_WAIT_POLICY=PASSIVE (timings with OpenMP's default spinning wait policy are 
                  (set-up garbage is trimmed and VmHWM reset first); baseline_rss_mb is the RSS before
                  the trainer exists (interpreter, torch and its optimiser modules, the input batch); net = peak − baseline is
                  compared with the minimum = params + grads + Adam state (2 × params) + one [B, m] fp32;
-                 measured with default malloc settings and with MALLOC_MMAP_THRESHOLD_=262144.
+                 measured with default malloc settings, with MALLOC_MMAP_THRESHOLD_=262144, and with that
+                 and MKL_DISABLE_FAST_MM=1 (MKL then frees its GEMM buffers after each call).
 On a GPU (--device cuda) times are taken between torch.cuda.synchronize() calls, and memory is
 torch.cuda.max_memory_allocated() above what was allocated before the trainer (the input batch), against
 the same minimum. With --autocast the floor GEMM runs in that dtype, and dense_ms is the autograd
@@ -192,6 +193,13 @@ def _trim_and_reset_peak() -> None:
         pass
 
 
+def _against_minimum(trainer, B: int, m: int, net_mb: float) -> dict:
+    """The minimum (params + grads + exp_avg + exp_avg_sq, and one [B, m] fp32) and net / minimum."""
+    n_params = sum(p.numel() for p in trainer.params.values())
+    minimum = (4 * n_params + B * m) * 4 / 2**20
+    return {"min_mb": round(minimum, 1), "net_over_min": round(net_mb / minimum, 3)}
+
+
 def worker_rss(d: int, m: int, B: int, steps: int) -> dict:
     # Baseline: interpreter, torch, the optimiser machinery (the first torch.optim.Adam imports
     # ~70 MB of modules) and an input batch, which exists before the trainer in real use.
@@ -208,14 +216,11 @@ def worker_rss(d: int, m: int, B: int, steps: int) -> dict:
     for s in range(steps):
         trainer.update(s, x)
     peak = _rss_mb("VmHWM")
-    n_params = sum(p.numel() for p in trainer.params.values())
-    minimum = (4 * n_params + B * m) * 4 / 2**20  # params + grads + exp_avg + exp_avg_sq, one [B, m]
     return {
         "peak_rss_mb": round(peak, 1),
         "baseline_rss_mb": round(base, 1),
         "net_peak_rss_mb": round(peak - base, 1),
-        "min_mb": round(minimum, 1),
-        "net_over_min": round((peak - base) / minimum, 3),
+        **_against_minimum(trainer, B, m, peak - base),
         "setup_peak_rss_mb": round(setup_peak, 1),
         "rss_after_setup_mb": round(after_setup, 1),
         "backward_rss_run": trainer.last_backward,
@@ -234,14 +239,11 @@ def worker_cuda_mem(d: int, m: int, B: int, steps: int) -> dict:
         trainer.update(s, x)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**20
-    n_params = sum(p.numel() for p in trainer.params.values())
-    minimum = (4 * n_params + B * m) * 4 / 2**20  # params + grads + exp_avg + exp_avg_sq, one [B, m]
     return {
         "cuda_peak_allocated_mb": round(peak, 1),
         "cuda_baseline_mb": round(base, 1),
         "net_peak_mb": round(peak - base, 1),
-        "min_mb": round(minimum, 1),
-        "net_over_min": round((peak - base) / minimum, 3),
+        **_against_minimum(trainer, B, m, peak - base),
         "backward_mem_run": trainer.last_backward,
     }
 
@@ -323,10 +325,12 @@ def main():
         res.update(run_worker("rss", d, m, B, args))
         # glibc's dynamic mmap threshold keeps freed mid-size blocks on the heap; with a fixed
         # threshold they go back to the OS, which shows what the trainer itself holds at peak.
-        tuned = run_worker("rss", d, m, B, args, {"MALLOC_MMAP_THRESHOLD_": "262144"})
-        res["malloc_mmap_threshold_256k"] = {
-            k: tuned.get(k) for k in ("peak_rss_mb", "net_peak_rss_mb", "net_over_min")
-        }
+        # MKL also keeps its GEMM packing buffers between calls (its "fast memory manager").
+        rss_keys = ("peak_rss_mb", "net_peak_rss_mb", "net_over_min")
+        for name, env in (("malloc_mmap_threshold_256k", {"MALLOC_MMAP_THRESHOLD_": "262144"}),
+                          ("and_mkl_fast_mm_off", {"MALLOC_MMAP_THRESHOLD_": "262144", "MKL_DISABLE_FAST_MM": "1"})):  # fmt: skip
+            tuned = run_worker("rss", d, m, B, args, env)
+            res[name] = {k: tuned.get(k) for k in rss_keys}
         results[f"d{d}_m{m}_b{B}"] = res
     meta = {"threads": args.threads, "reps": args.reps, "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "load_avg": os.getloadavg()}  # fmt: skip
