@@ -70,11 +70,14 @@ def _quantile(pre: torch.Tensor, q: float) -> torch.Tensor:
     return pre.kthvalue(k, dim=0).values
 
 
-def _make(d: int, m: int, B: int, backward: str, seed: int = 0):
+def _make(d: int, m: int, B: int, backward: str, seed: int = 0, x: torch.Tensor | None = None):
+    """(trainer with L0 ~ 64, input batch x [B, d]); pass x = _make's own batch to reuse it."""
     from dictionary_learning.trainer import JumpReluTrainer
 
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(B, d, generator=g) / d**0.5).to(DEVICE)  # E‖x‖² = 1
+    drawn = torch.randn(B, d, generator=g)  # E‖x‖² = 1 once divided by sqrt(d)
+    x = (drawn / d**0.5).to(DEVICE) if x is None else x
+    del drawn
     trainer = JumpReluTrainer(
         activation_dim=d, dict_size=m, device=DEVICE, dtype="float32", steps=1_000_000, autocast=AUTOCAST,
         warmup_steps=0, sparsity_warmup_steps=0, target_l0=TARGET_L0, backward=backward, seed=seed,
@@ -206,10 +209,9 @@ def worker_rss(d: int, m: int, B: int, steps: int) -> dict:
     p = torch.nn.Parameter(torch.zeros(8))
     p.grad = torch.ones(8)
     torch.optim.Adam([p], fused=True).step()
-    g = torch.Generator().manual_seed(1)
-    _ = torch.randn(B, d, generator=g)
+    x = torch.randn(B, d, generator=torch.Generator().manual_seed(0)) / d**0.5  # = _make's batch
     base = _rss_mb("VmRSS")
-    trainer, x = _make(d, m, B, "auto")
+    trainer, x = _make(d, m, B, "auto", x=x)
     setup_peak = _rss_mb("VmHWM")
     _trim_and_reset_peak()
     after_setup = _rss_mb("VmRSS")
