@@ -50,7 +50,7 @@ from .checkpoint import (
 )
 from .hub import HubPushError, push_to_hub  # noqa: F401  (re-exported: training.push_to_hub)
 from .trainer import JumpReluTrainer, TrainerConfig, estimate_norm_factor
-from .utils import atomic_path, git_commit, package_versions, read_json, write_json
+from .utils import LOCK_FILE, atomic_path, git_commit, lock_folder, package_versions, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ class _Run:
     wandb_id: str | None = None
     cfg: dict = dataclasses.field(default_factory=dict)  # config.json contents
     ckpt_step: int | None = None  # step of checkpoints/latest
+    lock: object = None  # utils.lock_folder's file: no second process trains into this folder
 
     @property
     def device(self) -> torch.device:
@@ -207,13 +208,17 @@ def _run_config(trainer, run_meta: dict, norm_factor, schedule: dict) -> dict:
 
 
 def _open_runs(runs: list[_Run], resume: bool, overwrite: bool) -> dict[int, tuple]:
-    """Refuse, clear or resume each run folder; return {run index: checkpoint} for resumed ones."""
+    """Lock, then refuse, clear or resume each run folder; return {run index: checkpoint} for resumed ones."""
+    for run in runs:  # all locks first: fail before touching any folder
+        run.lock = lock_folder(run.dir, "run folder (training)")
     ckpts = {}
     for i, run in enumerate(runs):
         status = _status(run.dir).get("status")
-        if run.dir.exists() and any(run.dir.iterdir()):
+        contents = [p for p in run.dir.iterdir() if p.name != LOCK_FILE]
+        if contents:
             if overwrite:
-                shutil.rmtree(run.dir)
+                for p in contents:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             elif not resume:
                 what = "a finished run" if status == "done" else "an unfinished run"
                 raise FileExistsError(
@@ -467,3 +472,5 @@ def trainSAE(
         for r in runs:
             if r.wandb is not None:
                 r.wandb.finish(exit_code=0 if _status(r.dir).get("status") == "done" else 1)
+            if r.lock is not None:
+                r.lock.close()

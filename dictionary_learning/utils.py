@@ -83,6 +83,35 @@ def write_dir_atomic(final: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+class FolderLockedError(RuntimeError):
+    """Another process holds the lock on a folder (lock_folder)."""
+
+
+LOCK_FILE = ".lock"
+
+
+def lock_folder(folder: Path, what: str = "folder"):
+    """Exclusive advisory lock on `folder` (created if missing): fcntl.flock on its LOCK_FILE, held while
+    the returned file is open and dropped by the OS when the process ends, even when killed. Whoever
+    clears the folder keeps LOCK_FILE. FolderLockedError if another process holds the lock; None
+    without fcntl (Windows: no locking)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fh = open(folder / LOCK_FILE, "a")  # noqa: SIM115 - closed by the caller (or on garbage collection)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise FolderLockedError(
+            f"{folder}: another process is using this {what}; wait for it or stop it"
+        ) from None
+    return fh
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write `obj` as indented JSON, atomically."""
     with atomic_path(path) as tmp:

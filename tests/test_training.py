@@ -32,6 +32,7 @@ from dictionary_learning.training import (
     sanitize,
     trainSAE,
 )
+from dictionary_learning.utils import FolderLockedError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -381,6 +382,29 @@ def test_refuses_existing_run_unless_resume_or_overwrite(tmp_path):
         trainSAE(Synthetic(), configs(1), 10, tmp_path, META, resume=True, overwrite=True)
     with pytest.raises(ValueError, match="names must be distinct"):
         trainSAE(Synthetic(), configs(1) * 2, 10, tmp_path / "x", META)
+
+
+def test_second_process_cannot_train_into_a_running_run(tmp_path):
+    """While one process trains a sweep, another is refused (FolderLockedError naming the folder), even
+    with overwrite=True, and touches nothing; once the first is killed (the OS drops its locks), the
+    second resumes it."""
+    proc = run_script(tmp_path, wait=False, sleep=0.05)
+    try:
+        wait_for_checkpoint(proc, tmp_path)
+        configs_before = {d: (d / "config.json").read_bytes() for d in trainer_dirs(tmp_path)}
+        for kw in (dict(resume=True), dict(overwrite=True)):
+            with pytest.raises(
+                FolderLockedError, match=r"jumprelu_w64_.*another process is using this run folder"
+            ):
+                trainSAE(Synthetic(seed=1), configs(2), SCRIPT_STEPS, tmp_path, META, progress=False, **kw)
+        assert proc.poll() is None  # still training, undisturbed; overwrite=True removed nothing
+        assert {d: (d / "config.json").read_bytes() for d in trainer_dirs(tmp_path)} == configs_before
+    finally:
+        proc.kill()
+        proc.wait()
+    done = trainSAE(Synthetic(seed=1), configs(2), SCRIPT_STEPS, tmp_path, META, log_every=7,
+                    checkpoint_every=SCRIPT_CKPT, norm_batches=15, resume=True, progress=False)  # fmt: skip
+    assert len(done) == 2
 
 
 def test_resume_with_a_changed_config_is_refused(tmp_path):
