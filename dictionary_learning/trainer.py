@@ -419,12 +419,14 @@ class JumpReluTrainer:
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Restore a state_dict(); the config must match except device and norm_factor (restored)."""
+        """Restore a state_dict(); the config must match except device, norm_factor (restored) and the
+        speed settings backward and sparse_max_density (same math, other summation order)."""
         if meta.get("format") != STATE_FORMAT:
             raise ValueError(f"trainer state: unknown format {meta.get('format')!r} (want {STATE_FORMAT})")
         saved = TrainerConfig.from_dict(meta["config"]).to_dict()
         mine = self.cfg.to_dict()
-        diff = [k for k in mine if k not in ("device", "norm_factor") and saved[k] != mine[k]]
+        free = ("device", "norm_factor", "backward", "sparse_max_density")
+        diff = [k for k in mine if k not in free and saved[k] != mine[k]]
         if diff:
             raise ValueError("trainer state: config differs from this trainer's in "
                              + ", ".join(f"{k} (saved {saved[k]!r}, here {mine[k]!r})" for k in diff))  # fmt: skip

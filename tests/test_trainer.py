@@ -374,6 +374,23 @@ def test_load_state_rejects_other_config():
     b = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, lr=2e-3)
     with pytest.raises(ValueError, match="lr"):
         b.load_state_dict(*a.state_dict())
+    c = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, lr=1e-3, autocast="bfloat16")
+    with pytest.raises(ValueError, match="autocast"):
+        c.load_state_dict(*a.state_dict())  # bf16 products: other math
+
+
+def test_load_state_accepts_other_speed_settings():
+    """backward and sparse_max_density change the summation order, not the recipe: a run started with
+    one resumes with another (e.g. a state saved before sparse_max_density defaulted to None)."""
+    a = JumpReluTrainer(
+        activation_dim=8, dict_size=16, device=DEVICE, backward="dense", sparse_max_density=0.1
+    )
+    a.update(0, torch.randn(32, 8))
+    b = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE)
+    b.load_state_dict(*a.state_dict())
+    for n, p in a.params.items():
+        assert torch.equal(p, b.params[n]), n
+    assert b.cfg.backward == "auto" and b.cfg.sparse_max_density is None and b.step == 1
 
 
 def test_dead_latent_counters():
