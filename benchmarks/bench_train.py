@@ -128,7 +128,9 @@ def worker_timing(d: int, m: int, B: int, reps: int) -> dict:
     backward = trainer.last_backward
     trainer = out = W = x_floor = None  # free them before the dense runs
     other = {}
-    for kind in (_dense_kind(), "autograd") if DEVICE != "cpu" or AUTOCAST else (_dense_kind(),):
+    for kind in dict.fromkeys(
+        (_dense_kind(), "autograd") if DEVICE != "cpu" or AUTOCAST else (_dense_kind(),)
+    ):
         dense, x = _make(d, m, B, kind)
         dense.update(0, x)
         other[kind] = _median_ms(lambda t=dense, x=x: t.update(1, x), max(3, reps // 2))
@@ -231,9 +233,10 @@ def worker_rss(d: int, m: int, B: int, steps: int) -> dict:
 
 def worker_cuda_mem(d: int, m: int, B: int, steps: int) -> dict:
     """Peak GPU memory of the training loop above what exists before the trainer (the input batch)."""
+    x = (torch.randn(B, d, generator=torch.Generator().manual_seed(0)) / d**0.5).to(DEVICE)  # = _make's
     torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() / 2**20
-    trainer, x = _make(d, m, B, "auto")
+    base = torch.cuda.memory_allocated() / 2**20  # the input batch
+    trainer, x = _make(d, m, B, "auto", x=x)
     trainer.update(0, x)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -2,13 +2,15 @@
 # The GPU checks and benchmarks, in one go, for a machine lent for a few minutes (no Hub access):
 #   bash benchmarks/gpu_checks.sh [SECTION ...]     # default: all of them, in this order
 #   train     bench_train.py, fp32 and bf16 autocast
-#   tests     tests/test_trainer.py and tests/test_jumprelu.py on CUDA (SAE_TEST_DEVICE=cuda)
+#   tests     tests/test_trainer.py on CUDA (SAE_TEST_DEVICE=cuda; it covers grads.py's CUDA paths),
+#             and tests/test_jumprelu.py (CPU tensors) under the machine's torch
 #   harvest   bench_harvest.py on random-weight SmolLM2-135M and Gemma-2-2B models (bf16)
 #   crossover bench_train.py --crossover: where the sparse backward stops paying on the GPU
 #   demo      a short demo.py run on CUDA (random-weight SmolLM2: the pipeline, not the metrics)
 # Needs python3 with torch + transformers; nnsight and its missing dependencies as wheels in .whl/,
 # and SmolLM2's config and tokenizer files in .gpu/smollm2/ (see README, "GPU checks").
-# Writes log.txt and one JSON file per benchmark to $OUT (default /tmp/gpu_out).
+# Writes log.txt, tests.txt and the benchmarks' JSON to $OUT (default /tmp/gpu_out); harvest.json
+# holds one JSON object per line (SmolLM2, then Gemma).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -20,7 +22,11 @@ fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 step() { echo; echo "=== $1 ($(date +%T))"; }
-smol() { [ -d /tmp/smol ] || timeout 60 python3 benchmarks/random_model.py smollm2 /tmp/smol --tokenizer .gpu/smollm2; }
+smol() {
+  [ -f /tmp/smol/config.json ] && return
+  rm -rf /tmp/smol
+  timeout 60 python3 benchmarks/random_model.py smollm2 /tmp/smol --tokenizer .gpu/smollm2 || rm -rf /tmp/smol
+}
 
 train() {
   step "bench_train fp32 and bf16 autocast"
@@ -64,3 +70,4 @@ for section in "${@:-train tests harvest crossover demo}"; do
   for s in $section; do "$s"; done
 done
 step "done"
+sleep 1  # let tee write the last lines to log.txt

@@ -81,16 +81,16 @@ def candidates(xW: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor | None = Non
 
 
 def sum_by(index: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
-    """Σ of values [k] per id of index [k] in [0, n) -> [n]. index_add_ on CPU (deterministic there);
-    elsewhere a stable sort by id and per-segment sums, because CUDA's index_add_ accumulates with
-    atomics in a varying order, and the same state must give the same bits (exact resume)."""
-    if values.device.type == "cpu":
-        return torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, index, values)
-    return segment_sums(index, values, n)
+    """Σ of values [k] per id of index [k] in [0, n) -> [n]. index_add_ (deterministic on CPU); on CUDA
+    a stable sort by id and per-segment sums, because CUDA's index_add_ accumulates with atomics in
+    a varying order, and the same state must give the same bits (exact resume)."""
+    if values.device.type == "cuda":
+        return segment_sums(index, values, n)
+    return torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, index, values)
 
 
 def segment_sums(index: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
-    """sum_by's device-independent deterministic path (used off the CPU)."""
+    """sum_by's deterministic path for CUDA (any device: tested on CPU)."""
     order = torch.argsort(index, stable=True)
     return torch.segment_reduce(values.index_select(0, order), "sum", offsets=_offsets(index, n), unsafe=True)
 

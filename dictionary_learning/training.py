@@ -111,6 +111,11 @@ class _Run:
     ckpt_step: int | None = None  # step of checkpoints/latest
     lock: object = None  # utils.lock_folder's file: no second process trains into this folder
 
+    def unlock(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
     @property
     def device(self) -> torch.device:
         return next(self.trainer.ae.parameters()).device
@@ -181,6 +186,7 @@ def _fail(run: _Run, step: int, why: str, write: bool = True) -> None:
     info = {"status": "failed", "step": step, "reason": msg, "last_checkpoint_step": ck}
     write_json(run.dir / FAILED_FILE, info)
     write_json(run.dir / STATUS_FILE, info)
+    run.unlock()  # this process writes no more to it
     if run.wandb is not None:
         run.wandb.finish(exit_code=1)
         run.wandb = None
@@ -208,7 +214,17 @@ def _run_config(trainer, run_meta: dict, norm_factor, schedule: dict) -> dict:
 
 
 def _open_runs(runs: list[_Run], resume: bool, overwrite: bool) -> dict[int, tuple]:
-    """Lock, then refuse, clear or resume each run folder; return {run index: checkpoint} for resumed ones."""
+    """Lock, then refuse, clear or resume each run folder; return {run index: checkpoint} for resumed ones.
+    On any error the locks taken here are released."""
+    try:
+        return _open_locked(runs, resume, overwrite)
+    except BaseException:
+        for run in runs:
+            run.unlock()
+        raise
+
+
+def _open_locked(runs: list[_Run], resume: bool, overwrite: bool) -> dict[int, tuple]:
     for run in runs:  # all locks first: fail before touching any folder
         run.lock = lock_folder(run.dir, "run folder (training)")
     ckpts = {}
@@ -227,6 +243,7 @@ def _open_runs(runs: list[_Run], resume: bool, overwrite: bool) -> dict[int, tup
         if resume and status in ("done", "failed"):
             log.info("%s: already %s, skipped", run.dir, status)
             run.active = False
+            run.unlock()
         elif resume and (ck := read_checkpoint(run.dir / "checkpoints" / "latest")) is not None:
             ckpts[i] = ck
     return ckpts
@@ -305,88 +322,89 @@ def trainSAE(
     )
 
     ckpts = ctx.open_runs(_open_runs, runs, resume, overwrite)
-    if not ctx.any(any(r.active for r in runs)):
-        return ctx.finish([str(r.dir) for r in runs if _status(r.dir).get("status") == "done"])
-    stream, tokens = DataStream(data), 0
-    here = [ckpts[i][2]["step"] if i in ckpts else 0 for i, r in enumerate(runs) if r.active]
-    start, point = ctx.resume_point(min(here, default=None), ckpts)  # least advanced trainer (all ranks)
-    if start > 0:  # the stream goes back to the least advanced trainer's position; then the RNGs
-        stream.restore(point["data"])
-        set_rng_state(point["rng"])
-        tokens = point["tokens"]
-        log.info("resuming at step %d of %d (%d tokens done)", start, steps, tokens)
+    prev, bar = {}, None  # signal handlers and progress bar, undone in `finally`
+    try:  # from here on the run folders are locked; `finally` unlocks them
+        if not ctx.any(any(r.active for r in runs)):
+            return ctx.finish([str(r.dir) for r in runs if _status(r.dir).get("status") == "done"])
+        stream, tokens = DataStream(data), 0
+        here = [ckpts[i][2]["step"] if i in ckpts else 0 for i, r in enumerate(runs) if r.active]
+        start, point = ctx.resume_point(min(here, default=None), ckpts)  # least advanced trainer (all ranks)
+        if start > 0:  # the stream goes back to the least advanced trainer's position; then the RNGs
+            stream.restore(point["data"])
+            set_rng_state(point["rng"])
+            tokens = point["tokens"]
+            log.info("resuming at step %d of %d (%d tokens done)", start, steps, tokens)
 
-    # One norm factor for the sweep (Gemma Scope §3.1) from the first norm_batches, which are then trained on.
-    nf = ctx.first(next((ck[2]["norm_factor"] for ck in ckpts.values()), None))
-    need = ctx.any(any(r.trainer.cfg.norm_factor is None for r in runs if r.active))
-    if nf is None and norm_batches > 0 and need:
-        try:
-            if ctx.distributed:  # pooled over the ranks' batches
-                nf = ctx.norm_factor(lambda: stream.prefetch(norm_batches))
-            else:
-                nf = float(estimate_norm_factor(stream.prefetch(norm_batches)))
-        except (StopIteration, DataExhausted) as e:
-            raise DataExhaustedError(
-                f"data ran out within the {norm_batches} norm-estimate batches {e}"
-            ) from None
-        log.info("norm factor %.6g from %d batches (kept for training)", nf, norm_batches)
-    for i, run in enumerate(runs):
-        if not run.active:
-            continue
-        run_nf = ckpts[i][2]["norm_factor"] if i in ckpts else run.trainer.cfg.norm_factor or nf
-        if run_nf is not None:
-            run.trainer.set_norm_factor(run_nf)
-        run.cfg = _run_config(run.trainer, run_meta, run_nf, schedule)
-        if i in ckpts:
-            tensors, tmeta, loop, _ = ckpts[i]
+        # One norm factor for the sweep (Gemma Scope §3.1) from the first norm_batches, which are then trained on.
+        nf = ctx.first(next((ck[2]["norm_factor"] for ck in ckpts.values()), None))
+        need = ctx.any(any(r.trainer.cfg.norm_factor is None for r in runs if r.active))
+        if nf is None and norm_batches > 0 and need:
             try:
-                run.trainer.load_state_dict(tensors, tmeta)
-            except ValueError as e:
-                raise ValueError(
-                    f"{run.dir}: cannot resume: {e}; use the original config or overwrite=True"
+                if ctx.distributed:  # pooled over the ranks' batches
+                    nf = ctx.norm_factor(lambda: stream.prefetch(norm_batches))
+                else:
+                    nf = float(estimate_norm_factor(stream.prefetch(norm_batches)))
+            except (StopIteration, DataExhausted) as e:
+                raise DataExhaustedError(
+                    f"data ran out within the {norm_batches} norm-estimate batches {e}"
                 ) from None
-            run.start = run.ckpt_step = loop["step"]
-            run.acc, run.last, run.wandb_id = loop["acc"], loop["last"], loop["wandb_id"]
-        if not writes:
-            continue
-        run.dir.mkdir(parents=True, exist_ok=True)
-        _truncate_log(run.dir / LOG_FILE, run.start)
-        write_json(run.dir / "config.json", run.cfg)
-        write_json(run.dir / STATUS_FILE, {"status": "running", "step": run.start})
-        if use_wandb:  # one run per trainer, from this process; offline with WANDB_MODE=offline
-            import wandb
+            log.info("norm factor %.6g from %d batches (kept for training)", nf, norm_batches)
+        for i, run in enumerate(runs):
+            if not run.active:
+                continue
+            run_nf = ckpts[i][2]["norm_factor"] if i in ckpts else run.trainer.cfg.norm_factor or nf
+            if run_nf is not None:
+                run.trainer.set_norm_factor(run_nf)
+            run.cfg = _run_config(run.trainer, run_meta, run_nf, schedule)
+            if i in ckpts:
+                tensors, tmeta, loop, _ = ckpts[i]
+                try:
+                    run.trainer.load_state_dict(tensors, tmeta)
+                except ValueError as e:
+                    raise ValueError(
+                        f"{run.dir}: cannot resume: {e}; use the original config or overwrite=True"
+                    ) from None
+                run.start = run.ckpt_step = loop["step"]
+                run.acc, run.last, run.wandb_id = loop["acc"], loop["last"], loop["wandb_id"]
+            if not writes:
+                continue
+            run.dir.mkdir(parents=True, exist_ok=True)
+            _truncate_log(run.dir / LOG_FILE, run.start)
+            write_json(run.dir / "config.json", run.cfg)
+            write_json(run.dir / STATUS_FILE, {"status": "running", "step": run.start})
+            if use_wandb:  # one run per trainer, from this process; offline with WANDB_MODE=offline
+                import wandb
 
-            run.wandb_id = run.wandb_id or os.urandom(6).hex()
-            run.wandb = wandb.init(
-                project=wandb_project, entity=wandb_entity, group=f"{base.parent.name}/{base.name}",
-                name=run.trainer.name, id=run.wandb_id, resume="allow", dir=str(run.dir), config=run.cfg,
-                reinit="create_new",
-            )  # fmt: skip
+                run.wandb_id = run.wandb_id or os.urandom(6).hex()
+                run.wandb = wandb.init(
+                    project=wandb_project, entity=wandb_entity, group=f"{base.parent.name}/{base.name}",
+                    name=run.trainer.name, id=run.wandb_id, resume="allow", dir=str(run.dir), config=run.cfg,
+                    reinit="create_new",
+                )  # fmt: skip
 
-    def checkpoint(step: int) -> None:
-        ds, rng = stream.state(), rng_state()
-        ds = ctx.checkpoint_state(ds, rng)  # distributed: every rank's stream state and RNGs
-        for r in runs:
-            if r.active and step >= r.start and writes:
-                r.ckpt_step = step
-                loop = dict(step=step, tokens=tokens, norm_factor=r.cfg["norm_factor"], acc=r.acc, last=r.last,
-                            rng=rng, wandb_id=r.wandb_id, trainer_config=r.trainer.config)  # fmt: skip
-                save_checkpoint(r.dir / "checkpoints" / "latest", r.trainer, loop, ds)
+        def checkpoint(step: int) -> None:
+            ds, rng = stream.state(), rng_state()
+            ds = ctx.checkpoint_state(ds, rng)  # distributed: every rank's stream state and RNGs
+            for r in runs:
+                if r.active and step >= r.start and writes:
+                    r.ckpt_step = step
+                    loop = dict(step=step, tokens=tokens, norm_factor=r.cfg["norm_factor"], acc=r.acc, last=r.last,
+                                rng=rng, wandb_id=r.wandb_id, trainer_config=r.trainer.config)  # fmt: skip
+                    save_checkpoint(r.dir / "checkpoints" / "latest", r.trainer, loop, ds)
 
-    # SIGINT/SIGTERM: finish the step, save a checkpoint, exit 128+signum. A second signal acts at once.
-    stop, prev = {"sig": None}, {}
+        # SIGINT/SIGTERM: finish the step, save a checkpoint, exit 128+signum. A second signal acts at once.
+        stop, prev = {"sig": None}, {}
 
-    def on_signal(signum, frame):
-        stop["sig"] = signum
-        signal.signal(signum, prev[signum])
-        log.warning("%s received: saving a checkpoint, then exiting", signal.Signals(signum).name)
+        def on_signal(signum, frame):
+            stop["sig"] = signum
+            signal.signal(signum, prev[signum])
+            log.warning("%s received: saving a checkpoint, then exiting", signal.Signals(signum).name)
 
-    if threading.current_thread() is threading.main_thread():
-        prev = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    snaps = set(log_spaced_steps(steps) if snapshot_steps is None else snapshot_steps)
-    hist_every = hist_every or 10 * log_every
-    bar, t0, tokens0, step, exhausted = None, time.time(), tokens, start, None
-    try:
+        if threading.current_thread() is threading.main_thread():
+            prev = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        snaps = set(log_spaced_steps(steps) if snapshot_steps is None else snapshot_steps)
+        hist_every = hist_every or 10 * log_every
+        bar, t0, tokens0, step, exhausted = None, time.time(), tokens, start, None
         while step < steps:
             try:  # distributed: all ranks agree on stop / data exhausted; sweep mode: the global batch
                 got = ctx.next_batch(stream, stopping=stop["sig"] is not None)
@@ -464,6 +482,8 @@ def trainSAE(
         done = ctx.finish([str(r.dir) for r in runs if writes and _status(r.dir).get("status") == "done"])
         return sorted(done, key=lambda p: names.index(Path(p).name))  # sweep order
     finally:
+        for r in runs:
+            r.unlock()
         for s, h in prev.items():
             if signal.getsignal(s) is on_signal:
                 signal.signal(s, h)
@@ -472,5 +492,3 @@ def trainSAE(
         for r in runs:
             if r.wandb is not None:
                 r.wandb.finish(exit_code=0 if _status(r.dir).get("status") == "done" else 1)
-            if r.lock is not None:
-                r.lock.close()

@@ -93,14 +93,15 @@ LOCK_FILE = ".lock"
 def lock_folder(folder: Path, what: str = "folder"):
     """Exclusive advisory lock on `folder` (created if missing): fcntl.flock on its LOCK_FILE, held while
     the returned file is open and dropped by the OS when the process ends, even when killed. Whoever
-    clears the folder keeps LOCK_FILE. FolderLockedError if another process holds the lock; None
-    without fcntl (Windows: no locking)."""
+    clears the folder keeps LOCK_FILE. FolderLockedError if another process holds the lock; None (no
+    lock, with a warning) where locking is unsupported: no fcntl (Windows), or a file system without
+    flock (some Lustre, NFS and FUSE mounts)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:
         return None
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     fh = open(folder / LOCK_FILE, "a")  # noqa: SIM115 - closed by the caller (or on garbage collection)
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -109,6 +110,10 @@ def lock_folder(folder: Path, what: str = "folder"):
         raise FolderLockedError(
             f"{folder}: another process is using this {what}; wait for it or stop it"
         ) from None
+    except OSError as e:
+        fh.close()
+        log.warning("%s: cannot lock (%s); make sure no other process uses this %s", folder, e, what)
+        return None
     return fh
 
 

@@ -407,6 +407,31 @@ def test_second_process_cannot_train_into_a_running_run(tmp_path):
     assert len(done) == 2
 
 
+def test_locks_released_after_an_error_and_without_flock(tmp_path, monkeypatch, caplog):
+    """A refused call (FileExistsError) leaves no lock behind in this process: the retry with
+    overwrite=True runs. Without fcntl (Windows) or with a file system that refuses flock, training
+    runs unlocked (with a warning for the latter)."""
+    kw = dict(log_every=5, norm_batches=4, progress=False)
+    trainSAE(Synthetic(), configs(2), 10, tmp_path, META, **kw)
+    with pytest.raises(FileExistsError) as refused:  # its traceback (and the frames) stays alive
+        trainSAE(Synthetic(), configs(2), 10, tmp_path, META, **kw)
+    assert len(trainSAE(Synthetic(), configs(2), 10, tmp_path, META, overwrite=True, **kw)) == 2
+    assert refused.traceback  # still held while the retry ran
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError
+    assert len(trainSAE(Synthetic(), configs(1), 10, tmp_path / "no_fcntl", META, **kw)) == 1
+    monkeypatch.undo()
+
+    import fcntl
+
+    def refuse(*_):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    assert len(trainSAE(Synthetic(), configs(1), 10, tmp_path / "no_flock", META, **kw)) == 1
+    assert "cannot lock" in caplog.text and "No locks available" in caplog.text
+
+
 def test_resume_with_a_changed_config_is_refused(tmp_path):
     with pytest.raises(DataExhaustedError):
         trainSAE(Synthetic(limit=8), configs(1), 20, tmp_path, META, norm_batches=4, checkpoint_every=4,
