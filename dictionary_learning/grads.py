@@ -181,21 +181,34 @@ def frac_variance_explained(x: torch.Tensor, mean_err: torch.Tensor, mse: torch.
 
 @torch.no_grad()
 def sparse_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: SparsityFn,
-                 max_density: float | None = None, out: dict | None = None):  # fmt: skip
+                 max_density: float | None = None, out: dict | None = None, refine: tuple | None = None):  # fmt: skip
     """Touches only the pairs with z > θ − ε/2; returns None (xW untouched) when more than
     `max_density` of the B·m pairs are such candidates. Shapes: x [B, d], xW [B, m] fp32, b_enc [m],
     W_dec [m, d], b_dec [d], threshold [m]. `out` may hold [m, d] tensors "W_dec" and "W_enc_t" to
     write those gradients into (last step's: no fresh [m, d] tensors, no page faults, no heap churn).
     Decode with embedding_bag, ∂L/∂f by a sampled matmul (SDDMM) at the pairs, and the W_dec / W_enc
-    gradients as per-latent bags; xW's storage is reused for ∂L/∂x̂ once the pairs are read."""
+    gradients as per-latent bags; xW's storage is reused for ∂L/∂x̂ once the pairs are read.
+    refine = (W_enc [d, m] fp32, rel, err [m]): xW is a low-precision product, off by at most
+    rel·|xW| + err_j; the pairs are then found with that much more slack and their x·W_enc recomputed
+    in fp32 (an SDDMM), so the gradients are the fp32 ones."""
     B, m = xW.shape
     eps = bandwidth
     # Candidates z > θ − ε/2 (slack for rounding): every active pair (z > θ) and the kernel window.
     lo = threshold - b_enc - eps / 2 - 1e-6 * (threshold.abs() + b_enc.abs() + eps)
-    flat = candidates(xW, lo, max_count=None if max_density is None else max_density * B * m)
+    max_count = None if max_density is None else max_density * B * m
+    flat = candidates(
+        xW, lo if refine is None else lo - refine[1] * lo.abs() - refine[2], max_count=max_count
+    )
     if flat is None:
         return None  # [n] row-major below, so sorted by token
     z = xW.reshape(-1).index_select(0, flat)
+    if refine is not None:  # x·W_enc in fp32 at the candidates; keep those that really are
+        rows, cols = _split(flat, m)
+        z = torch.sparse.sampled_addmm(
+            _csr(_offsets(rows, B), cols, z, (B, m)), x, refine[0], beta=0.0
+        ).values()
+        keep = (z > lo.index_select(0, cols)).nonzero().squeeze(1)
+        flat, z = flat.index_select(0, keep), z.index_select(0, keep)
     rows, cols = _split(flat, m)
     del flat
     z.add_(b_enc.index_select(0, cols))

@@ -490,13 +490,37 @@ def test_autocast_bf16_close_to_fp32_with_fp32_state(k, expect):
     for n in ("W_enc", "W_dec", "b_enc", "b_dec"):
         g, g_ref = t.params[n].grad, ref.params[n].grad
         assert g.dtype == torch.float32 and t.params[n].dtype == torch.float32, n
-        assert (g - g_ref).norm() <= 0.02 * g_ref.norm(), n
-        assert not torch.equal(g, g_ref), n
+        assert (g - g_ref).norm() <= (0.02 if expect == "autograd" else 1e-5) * g_ref.norm(), n
+        assert expect == "sparse" or not torch.equal(g, g_ref), n
     out = t.update(0, x)
     assert (
         math.isfinite(out["loss"])
         and t.optimizer.state[t.params["W_dec"]]["exp_avg_sq"].dtype == torch.float32
     )
+
+
+def test_autocast_sparse_phase_gives_the_fp32_gradients():
+    """In the sparse phase under bf16 autocast the candidates are found on the bf16 product with the
+    error bound as extra slack, and their pre-activations recomputed in fp32: every gradient, θ's
+    included, is the fp32 one, although here bf16 rounding alone would move pairs across θ and in and
+    out of the kernel window."""
+    kw = dict(activation_dim=48, dict_size=160, device=DEVICE, bandwidth=0.02, seed=4, sparse_max_density=0.2)
+    ref, t = JumpReluTrainer(**kw), JumpReluTrainer(**kw, autocast="bfloat16")
+    x = randomise(ref, seed=5, quantile=0.97, window_frac=0.1)
+    randomise(t, seed=5, quantile=0.97, window_frac=0.1)
+    with torch.no_grad():
+        z, th = ref.ae.pre_activations(x), ref.ae.threshold
+        z16 = (x.bfloat16() @ ref.ae.W_enc.bfloat16()).float() + ref.ae.b_enc
+        in_window = lambda v: (v - th).abs() < kw["bandwidth"] / 2  # noqa: E731
+    assert ((z16 > th) != (z > th)).any() or (in_window(z16) != in_window(z)).any()  # rounding matters
+    ref.compute_grads(x, coeff=0.7, backward="autograd")
+    stats = t.compute_grads(x, coeff=0.7)
+    assert t.last_backward == "sparse"
+    assert ref.params["threshold"].grad.abs().sum() > 0
+    for n, p in t.params.items():
+        g_ref = ref.params[n].grad
+        assert (p.grad - g_ref).norm() <= 1e-5 * g_ref.norm() + 1e-12, n
+    assert float(stats["l0"]) == pytest.approx(float((z > th).float().sum(1).mean()), rel=1e-6)
 
 
 def test_autocast_config_errors():
