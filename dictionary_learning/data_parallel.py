@@ -61,11 +61,11 @@ class DataParallelTrainer(JumpReluTrainer):
         s = super().compute_grads(x, coeff, backward)
         params = list(self.params.values())
         xf = x.float()
-        # One buffer, one all_reduce: [n_r·grads, n_r·mse, n_r·L0, n_r | fired, Σx, Σ(x̂ − x), Σ‖x‖²].
+        # One buffer, one all_reduce: [n_r·grads, n_r·mse, n_r·L0, n_r | counts, Σx, Σ(x̂ − x), Σ‖x‖²].
         weighted = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         weighted += [s["mse"], s["l0"], torch.ones((), device=x.device)]
         head = torch.cat([t.reshape(-1).float() for t in weighted]) * n
-        tail = [s["fired"].float(), xf.sum(0), (s["x_hat"].float() - xf).sum(0), xf.pow(2).sum().reshape(1)]
+        tail = [s["counts"].float(), xf.sum(0), (s["x_hat"].float() - xf).sum(0), xf.pow(2).sum().reshape(1)]
         flat = torch.cat([head, *tail])
         self.reduce_sum(flat)
         N = flat[head.numel() - 1].clone()  # rows over all ranks
@@ -73,12 +73,14 @@ class DataParallelTrainer(JumpReluTrainer):
         *grads, mse, l0, _ = flat[: head.numel()].split([t.numel() for t in weighted])
         for p, g in zip(params, grads):
             p.grad = g.view(p.shape).to(p.dtype)
-        fired, sx, se, sxx = flat[head.numel() :].split([t.numel() for t in tail])
-        fired, sx, se, sxx = fired > 0, sx / N, se / N, sxx[0] / N
+        counts, sx, se, sxx = flat[head.numel() :].split([t.numel() for t in tail])
+        counts, sx, se, sxx = counts.round().to(s["counts"].dtype), sx / N, se / N, sxx[0] / N
+        fired = counts > 0
         # the same formula as grads.frac_variance_explained, from sums pooled over all ranks
         fve = 1 - (mse[0] - se.dot(se)) / (sxx - sx.dot(sx)).clamp_min(1e-30)
         self._global = {"rows": int(N), "fired": fired, "fve": float(fve)}
-        return {**s, "loss": mse[0] + s["sparsity_loss"], "mse": mse[0], "l0": l0[0], "fired": fired}
+        return {**s, "loss": mse[0] + s["sparsity_loss"], "mse": mse[0], "l0": l0[0], "fired": fired,
+                "counts": counts}  # fmt: skip
 
     def update(self, step: int, x: torch.Tensor) -> dict:
         """trainer.update on this rank's rows x [n_r, d]; counters and statistics of the global batch."""
@@ -87,5 +89,6 @@ class DataParallelTrainer(JumpReluTrainer):
         with torch.no_grad():  # super() counted this rank's n_r tokens; add the other ranks'
             self.tokens_since_fired.add_(extra).masked_fill_(g["fired"], 0)
             self.tokens_seen += extra
+            self.fire_tokens += extra  # fire_counts already holds the global batch's
             dead = (self.tokens_since_fired >= self.cfg.dead_feature_threshold).float().mean()
         return {**out, "frac_variance_explained": g["fve"], "dead_latents": float(dead)}

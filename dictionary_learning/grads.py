@@ -35,6 +35,7 @@ class GradStats(NamedTuple):
     x_hat: torch.Tensor  # [B, d]
     mean_err: torch.Tensor  # [d], batch mean of x̂ − x (for the fraction of variance explained)
     fired: torch.Tensor  # [m] bool, latent active on some row
+    counts: torch.Tensor  # [m] int, rows on which each latent is active
 
 
 # ---------------------------------------------------------------------------- index helpers
@@ -229,7 +230,7 @@ def sparse_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: 
     g_threshold = _threshold_grad(z, th, g_f, cols, threshold, eps, dsp_dl0, B)
     g_z = g_f.mul_(active)  # ∂f/∂z = H(z − θ); the step passes nothing to z
     g_b_enc = sum_by(cols, g_z, m)
-    fired = torch.zeros(m, dtype=torch.int32, device=x.device).index_add_(0, cols, active.int()) > 0
+    counts = torch.zeros(m, dtype=torch.int32, device=x.device).index_add_(0, cols, active.int())
     del z, th, t_offsets
 
     # Per-latent bags: pairs re-sorted by latent (a stable sort keeps the tokens ascending in each).
@@ -243,7 +244,7 @@ def sparse_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: 
     g_W_enc_t = _bags(l_offsets, rows, g_z, x, out.get("W_enc_t"))  # Σ_b ∂L/∂z_bj x_b
     grads = {"W_enc": g_W_enc_t.T, "b_enc": g_b_enc, "W_dec": g_W_dec, "b_dec": g_xhat.sum(0),
              "threshold": g_threshold}  # fmt: skip
-    return grads, GradStats(mse + sp, mse, sp, l0, x_hat, mean_err, fired)
+    return grads, GradStats(mse + sp, mse, sp, l0, x_hat, mean_err, counts > 0, counts)
 
 
 @torch.no_grad()
@@ -262,7 +263,7 @@ def dense_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: S
     th_w = threshold.index_select(0, cols_w)
     active = z > threshold  # [B, m] bool
     l0, sp, dsp_dl0 = _sparsity(sparsity_fn, float(active.sum()), B, x.device)
-    fired = active.any(0)
+    counts = active.sum(0, dtype=torch.int32)
     f = z.mul_(active)  # xW's storage now holds f
     x_hat = torch.addmm(b_dec, f, W_dec)
     mse, mean_err, g_xhat = _reconstruction(x, x_hat)
@@ -276,7 +277,7 @@ def dense_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: S
     g_W_enc_t = torch.mm(g_z.T, x, out=out.get("W_enc_t"))  # [m, d]
     grads = {"W_enc": g_W_enc_t.T, "b_enc": g_z.sum(0), "W_dec": g_W_dec, "b_dec": g_xhat.sum(0),
              "threshold": g_threshold}  # fmt: skip
-    return grads, GradStats(mse + sp, mse, sp, l0, x_hat, mean_err, fired)
+    return grads, GradStats(mse + sp, mse, sp, l0, x_hat, mean_err, counts > 0, counts)
 
 
 def autograd_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: SparsityFn):
@@ -294,10 +295,10 @@ def autograd_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn
     with torch.no_grad():
         grads = {"W_enc": (g_pre.T @ x).T, "b_enc": g_pre.sum(0), "W_dec": g_W_dec, "b_dec": g_b_dec,
                  "threshold": g_th}  # fmt: skip
-        fired = (pre > threshold).any(0)
+        counts = (pre > threshold).sum(0, dtype=torch.int32)
         x_hat = x_hat.detach()
         stats = GradStats(loss.detach(), mse.detach(), sp.detach(), l0.detach(), x_hat,
-                          (x_hat - x).mean(0), fired)  # fmt: skip
+                          (x_hat - x).mean(0), counts > 0, counts)  # fmt: skip
     return grads, stats
 
 

@@ -223,6 +223,9 @@ class JumpReluTrainer:
         self.step = 0  # steps done
         self.tokens_seen = 0
         self.tokens_since_fired = torch.zeros(c.dict_size, dtype=torch.int64, device=self.device)
+        # Firing counts since firing_density() last read them (a diagnostic window; not resumed).
+        self.fire_counts = torch.zeros(c.dict_size, dtype=torch.int64, device=self.device)
+        self.fire_tokens = 0
         self.last_backward = None  # "sparse", "dense" or "autograd", for logs and tests
         self._pre_buf = None  # [B, m] buffer for x @ W_enc
         self._scratch = None  # second [B, m] buffer of the dense path
@@ -302,7 +305,7 @@ class JumpReluTrainer:
     def compute_grads(self, x: torch.Tensor, coeff: float, backward: str | None = None) -> dict:
         """Set .grad of every parameter for the loss on the normalised batch x [B, d]; return stats
         (tensors: loss, mse, sparsity_loss, l0, x_hat [B, d] (valid until the next call), mean_err
-        [d] = mean(x̂ − x), fired [m] bool). `backward` overrides cfg.backward (see grads.py):
+        [d] = mean(x̂ − x), fired [m] bool, counts [m] int: rows each latent fired on). `backward` overrides cfg.backward (see grads.py):
         'sparse', 'dense', 'autograd', or 'auto' = sparse while at most sparse_max_density of the
         pairs are candidates, else dense (autograd for dtypes other than fp32 and under autocast)."""
         c, ae = self.cfg, self.ae
@@ -384,6 +387,8 @@ class JumpReluTrainer:
             optimizer_step(self.optimizer, self.params, lr, c.max_grad_norm, c.unit_norm_decoder)
             n = x.shape[0]
             self.tokens_since_fired.add_(n).masked_fill_(s["fired"], 0)
+            self.fire_counts.add_(s["counts"])
+            self.fire_tokens += n
             self.tokens_seen += n
             self.step = step + 1
             fve = frac_variance_explained(x, s["mean_err"], s["mse"])
@@ -398,6 +403,14 @@ class JumpReluTrainer:
             "sparsity_coeff": coeff,
             "dead_latents": float(dead),
         }
+
+    def firing_density(self) -> torch.Tensor:
+        """Fraction of the tokens trained on since the last call on which each latent fired, [m] float
+        (all zeros before any token), then a new window starts."""
+        density = self.fire_counts.double() / max(self.fire_tokens, 1)
+        self.fire_counts.zero_()
+        self.fire_tokens = 0
+        return density
 
     # ------------------------------------------------------------------ saving and state
 

@@ -163,13 +163,12 @@ def _make_trainer(cfg, steps: int):
     return JumpReluTrainer(cfg)
 
 
-def _feature_density_hist(trainer, x: torch.Tensor, norm_factor: float):
-    """wandb.Histogram of log10 firing frequency of each latent on batch x [B, d] (fired ones only)."""
+def _feature_density_hist(trainer):
+    """wandb.Histogram of log10 firing frequency of each latent over the tokens trained on since the
+    last histogram (fired ones only), and the fraction of latents silent in that window."""
     import wandb
 
-    with torch.no_grad():
-        f = trainer.ae.encode(x.to(trainer.device, trainer.ae.W_enc.dtype) / norm_factor)
-    freq = (f != 0).float().mean(0)
+    freq = trainer.firing_density()
     return wandb.Histogram(torch.log10(freq[freq > 0]).cpu().numpy()), float((freq == 0).float().mean())
 
 
@@ -249,7 +248,7 @@ def _open_locked(runs: list[_Run], resume: bool, overwrite: bool) -> dict[int, t
     return ckpts
 
 
-def _log_step(runs: list[_Run], step: int, tokens: int, x: torch.Tensor, hist: bool) -> list[str]:
+def _log_step(runs: list[_Run], step: int, tokens: int, hist: bool) -> list[str]:
     """Write a log line (and wandb point) for every active trainer; return progress-bar snippets."""
     post = []
     for i, r in enumerate(runs):
@@ -261,8 +260,8 @@ def _log_step(runs: list[_Run], step: int, tokens: int, x: torch.Tensor, hist: b
             if r.wandb is not None:
                 point = {k: v for k, v in ln.items() if k != "step"}
                 if hist:
-                    point["feature_density_log10"], point["frac_silent_in_batch"] = _feature_density_hist(
-                        r.trainer, x, r.cfg["norm_factor"] or 1.0
+                    point["feature_density_log10"], point["frac_silent_in_window"] = _feature_density_hist(
+                        r.trainer
                     )
                 r.wandb.log(point, step=step)
     return post
@@ -293,7 +292,8 @@ def trainSAE(
     norm_batches: the first batches estimate one norm factor sqrt(E||x||^2) for the whole sweep (then
     are trained on); 0 keeps each config's norm_factor. snapshot_steps: SAE-only snapshots (default
     log_spaced_steps). resume: continue from checkpoints/latest; overwrite: delete existing run folders.
-    hist_every: steps between wandb feature-density histograms (default 10 * log_every).
+    hist_every: steps between wandb feature-density histograms, each over the tokens since the last
+    (default 10 * log_every).
     Returns the folders of the trainers that finished (failed ones hold FAILED.json).
     Raises DataExhaustedError if the data runs out first, SystemExit(130/143) on SIGINT/SIGTERM (both
     after saving a checkpoint).
@@ -439,7 +439,7 @@ def trainSAE(
                     f"every trainer failed (non-finite loss) by step {step}; see FAILED.json in {base}"
                 )
             if (step % log_every == 0 or step == steps) and writes:
-                post = _log_step(runs, step, tokens, x, hist=step % hist_every == 0)
+                post = _log_step(runs, step, tokens, hist=step % hist_every == 0)
                 rate = (tokens - tokens0) / max(time.time() - t0, 1e-9)
                 bar.set_postfix_str(f"{rate:,.0f} tok/s | " + " | ".join(post))
                 (log.debug if progress else log.info)(

@@ -311,6 +311,7 @@ def test_data_parallel_gradient_is_the_global_batch_gradient(mode, backward):
             for k in ("loss", "mse", "l0", "sparsity_loss"):
                 torch.testing.assert_close(stats[0][k].float(), s_ref[k].float(), rtol=1e-5, atol=1e-6)
             assert torch.equal(stats[0]["fired"], s_ref["fired"])
+            assert torch.equal(stats[0]["counts"], s_ref["counts"]) and stats[0]["counts"].sum() > 0
 
 
 def test_data_parallel_updates_match_and_poison_a_nan_batch_on_every_rank():
@@ -336,6 +337,7 @@ def test_data_parallel_updates_match_and_poison_a_nan_batch_on_every_rank():
     assert ranks[0].tokens_seen == ref.tokens_seen and torch.equal(
         ranks[0].tokens_since_fired, ref.tokens_since_fired
     )
+    assert torch.equal(ranks[0].firing_density(), ref.firing_density())  # the global batches
 
     # NaN in rank 1's rows only: both ranks raise, so neither waits for the other's next collective
     bad = xs[0].clone()

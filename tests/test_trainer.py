@@ -147,6 +147,9 @@ def test_sparse_and_dense_gradients_agree_with_autograd(mode, quantile):
         for k in ("x_hat", "mean_err"):
             torch.testing.assert_close(stats[kind][k], stats["autograd"][k], rtol=1e-5, atol=1e-6)
         assert torch.equal(stats[kind]["fired"], stats["autograd"]["fired"])
+        assert torch.equal(stats[kind]["counts"], stats["autograd"]["counts"])
+    pre = t.ae.pre_activations(x)
+    assert torch.equal(stats["autograd"]["counts"].long(), (pre > t.ae.threshold).sum(0))
 
 
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
@@ -391,6 +394,25 @@ def test_load_state_accepts_other_speed_settings():
     for n, p in a.params.items():
         assert torch.equal(p, b.params[n]), n
     assert b.cfg.backward == "auto" and b.cfg.sparse_max_density is None and b.step == 1
+
+
+def test_firing_density_is_over_the_tokens_since_the_last_read():
+    """firing_density(): per latent, the fraction of the tokens trained on since the last call on which
+    it fired (each step's forward, before that step's update), then a new window."""
+    t = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, norm_factor=2.0, threshold_init=0.05)
+    g = torch.Generator().manual_seed(3)
+    xs = [(torch.randn(24, 8, generator=g) * 2.0).to(DEVICE) for _ in range(5)]
+    want = torch.zeros(16, dtype=torch.int64, device=DEVICE)
+    for s, x in enumerate(xs):
+        if s == 2:
+            assert torch.equal(t.firing_density(), want.double() / 48)  # steps 0-1
+            want.zero_()
+        with torch.no_grad():
+            want += (t.ae.pre_activations(x / 2.0) > t.ae.threshold).sum(0)  # the weights this step sees
+        t.update(s, x)
+    density = t.firing_density()
+    assert torch.equal(density, want.double() / 72) and 0 < density.max() <= 1  # steps 2-4
+    assert not t.firing_density().any()  # an empty window
 
 
 def test_dead_latent_counters():
