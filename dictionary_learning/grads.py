@@ -248,6 +248,24 @@ def sparse_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: 
 
 
 @torch.no_grad()
+def exact_near_threshold(x, xW, W_enc, b_enc, threshold, bandwidth, rel, err) -> int:
+    """xW [B, m] is a low-precision x·W_enc, off by at most rel·|xW| + err_j (err [m]). Overwrite it
+    with the fp32 product (an SDDMM) wherever z = xW + b_enc may lie within ε/2 of θ or across it:
+    the pairs whose JumpReLU and step decisions and kernel weights rounding could change. Elsewhere
+    only bf16 rounding of the values remains. Returns how many pairs were recomputed."""
+    B, m = xW.shape
+    centre = threshold - b_enc
+    half = bandwidth / 2 + err + 1e-6 * (threshold.abs() + b_enc.abs() + bandwidth)
+    half = half + rel * (centre.abs() + half)
+    flat = candidates(xW, centre - half, centre + half)
+    rows, cols = _split(flat, m)
+    approx = xW.reshape(-1).index_select(0, flat)
+    exact = torch.sparse.sampled_addmm(_csr(_offsets(rows, B), cols, approx, (B, m)), x, W_enc, beta=0.0)
+    xW.view(-1).index_copy_(0, flat, exact.values())
+    return flat.numel()
+
+
+@torch.no_grad()
 def dense_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: SparsityFn,
                 out: dict | None = None, scratch: torch.Tensor | None = None):  # fmt: skip
     """All B·m pairs: z = xW + b_enc, f and ∂L/∂z in place, in xW's storage and one more [B, m]

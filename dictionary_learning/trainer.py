@@ -25,6 +25,7 @@ from .dictionary import TENSOR_NAMES, JumpReluAutoEncoder
 from .grads import (
     autograd_grads,
     dense_grads,
+    exact_near_threshold,
     frac_variance_explained,
     make_adam,
     optimizer_step,
@@ -82,13 +83,14 @@ class TrainerConfig:
     dtype: str = "float32"
     """Dtype of W_enc, W_dec, b_enc, b_dec (threshold is always fp32)."""
     autocast: str | None = None
-    """'bfloat16': the encoder GEMM in bf16, parameters, gradients and Adam state in `dtype`. The sparse
-    phase then recomputes the candidate pairs' pre-activations in fp32 (grads.sparse_grads' refine),
-    so its gradients are the fp32 ones; the dense phase runs autograd under torch.autocast, where bf16
-    rounds z by ~0.4%, more than the paper's ε = 0.001 window at |z| > 0.1, so its θ gradient is much
-    noisier (one batch, d=256: 45% off at ε = 0.001, 8% at ε = 0.01; other gradients 0.5-4%). For GPUs
-    with fast bf16 (H200: about 2x faster steps); slower on CPUs without it. float16 is refused (no
-    loss scaling here)."""
+    """'bfloat16': the encoder GEMM in bf16, parameters, gradients and Adam state in `dtype`. bf16 rounds
+    z by ~0.4%, more than the paper's ε = 0.001 kernel window, so z is recomputed in fp32 wherever the
+    rounding could matter: at the sparse phase's candidate pairs (grads.sparse_grads' refine: the fp32
+    gradients), and in the dense phase (autograd under torch.autocast) at the pairs near θ
+    (grads.exact_near_threshold: θ's gradient within 0.03% of fp32 where the raw bf16 step is ~35%
+    off; the others within 0.5%, bf16 rounding of the values). For GPUs with fast bf16 (H200: about 2x
+    faster steps before the recomputation was added); slower on CPUs without it. float16 is refused
+    (no loss scaling here)."""
     norm_factor: float | None = None
     """x is divided by this inside update (sqrt(E‖x‖²)); None: no scaling until set_norm_factor."""
     unit_norm_decoder: bool = True
@@ -336,6 +338,10 @@ class JumpReluTrainer:
             res = sparse_grads(*args, max_density=max_density, out=out, refine=refine)
             self.last_backward = "sparse"
         if res is None and (kind == "autograd" or c.dtype != "float32" or ac is not None):
+            if ac is not None:  # exact z where rounding could move a pair across θ or the kernel window
+                exact_near_threshold(
+                    x, xW, ae.W_enc, ae.b_enc, ae.threshold, c.bandwidth, *self._autocast_error(x, ac)
+                )
             with torch.autocast(x.device.type, dtype=ac) if ac is not None else contextlib.nullcontext():
                 res, self.last_backward = autograd_grads(*args), "autograd"
         elif res is None:

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dictionary_learning.dictionary import JumpReluAutoEncoder
+from dictionary_learning.grads import autograd_grads
 from dictionary_learning.trainer import JumpReluTrainer, TrainerConfig, estimate_norm_factor
 
 # SAE_TEST_DEVICE=cuda runs these tests on a GPU (benchmarks/gpu_checks.sh does); CI is CPU-only.
@@ -543,6 +544,34 @@ def test_autocast_sparse_phase_gives_the_fp32_gradients():
         g_ref = ref.params[n].grad
         assert (p.grad - g_ref).norm() <= 1e-5 * g_ref.norm() + 1e-12, n
     assert float(stats["l0"]) == pytest.approx(float((z > th).float().sum(1).mean()), rel=1e-6)
+
+
+def test_autocast_dense_phase_recomputes_the_pairs_near_threshold():
+    """Dense phase under bf16 autocast: z is recomputed in fp32 wherever rounding could move a pair
+    across θ or the kernel window (grads.exact_near_threshold), so θ's gradient matches fp32 closely;
+    the plain autocast step on the raw bf16 product (the control) misses it by a third."""
+    kw = dict(
+        activation_dim=256, dict_size=1024, device=DEVICE, bandwidth=0.001, seed=0, sparse_max_density=0.05
+    )
+    ref, t = JumpReluTrainer(**kw), JumpReluTrainer(**kw, autocast="bfloat16")
+    x = randomise(ref, seed=10, quantile=0.5, window_frac=0.1)
+    randomise(t, seed=10, quantile=0.5, window_frac=0.1)
+    ref.compute_grads(x, coeff=0.7, backward="autograd")
+    t.compute_grads(x, coeff=0.7)
+    assert t.last_backward == "autograd"
+
+    def rel(g, n):
+        return float((g.float() - ref.params[n].grad).norm() / ref.params[n].grad.norm())
+
+    assert rel(t.params["threshold"].grad, "threshold") < 0.01
+    for n in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert rel(t.params[n].grad, n) < 0.02, n
+    ae = t.ae
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16):
+        raw = (x.bfloat16() @ ae.W_enc.bfloat16()).float()
+        g, _ = autograd_grads(x, raw, ae.b_enc, ae.W_dec, ae.b_dec, ae.threshold, 0.001,
+                              lambda l0: t.sparsity_penalty(l0, 0.7))  # fmt: skip
+    assert rel(g["threshold"], "threshold") > 0.1
 
 
 def test_autocast_config_errors():
