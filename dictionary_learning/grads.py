@@ -148,6 +148,14 @@ def _threshold_grad(z, th, g_f, cols, threshold, bandwidth, dsp_dl0, B) -> torch
     return sum_by(cols, g, threshold.shape[0])
 
 
+def _products_at(x, W_enc, flat, approx, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x·W_enc in fp32 at the flat indices of [B, m] (ascending), their columns), by a sampled matmul;
+    `approx`, their current values, only fills the sparsity pattern."""
+    rows, cols = _split(flat, m)
+    csr = _csr(_offsets(rows, x.shape[0]), cols, approx, (x.shape[0], m))
+    return torch.sparse.sampled_addmm(csr, x, W_enc, beta=0.0).values(), cols
+
+
 def _reconstruction(x: torch.Tensor, x_hat: torch.Tensor, err_out: torch.Tensor | None = None):
     """(mse, mean_err [d], ∂L/∂x̂ = 2(x̂ − x)/B [B, d], written into err_out if given)."""
     err = torch.sub(x_hat, x, out=err_out) if err_out is not None else x_hat - x
@@ -204,10 +212,7 @@ def sparse_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: 
         return None  # [n] row-major below, so sorted by token
     z = xW.reshape(-1).index_select(0, flat)
     if refine is not None:  # x·W_enc in fp32 at the candidates; keep those that really are
-        rows, cols = _split(flat, m)
-        z = torch.sparse.sampled_addmm(
-            _csr(_offsets(rows, B), cols, z, (B, m)), x, refine[0], beta=0.0
-        ).values()
+        z, cols = _products_at(x, refine[0], flat, z, m)
         keep = (z > lo.index_select(0, cols)).nonzero().squeeze(1)
         flat, z = flat.index_select(0, keep), z.index_select(0, keep)
     rows, cols = _split(flat, m)
@@ -253,15 +258,13 @@ def exact_near_threshold(x, xW, W_enc, b_enc, threshold, bandwidth, rel, err) ->
     with the fp32 product (an SDDMM) wherever z = xW + b_enc may lie within ε/2 of θ or across it:
     the pairs whose JumpReLU and step decisions and kernel weights rounding could change. Elsewhere
     only bf16 rounding of the values remains. Returns how many pairs were recomputed."""
-    B, m = xW.shape
+    m = xW.shape[1]
     centre = threshold - b_enc
     half = bandwidth / 2 + err + 1e-6 * (threshold.abs() + b_enc.abs() + bandwidth)
     half = half + rel * (centre.abs() + half)
     flat = candidates(xW, centre - half, centre + half)
-    rows, cols = _split(flat, m)
-    approx = xW.reshape(-1).index_select(0, flat)
-    exact = torch.sparse.sampled_addmm(_csr(_offsets(rows, B), cols, approx, (B, m)), x, W_enc, beta=0.0)
-    xW.view(-1).index_copy_(0, flat, exact.values())
+    exact, _ = _products_at(x, W_enc, flat, xW.reshape(-1).index_select(0, flat), m)
+    xW.view(-1).index_copy_(0, flat, exact)
     return flat.numel()
 
 

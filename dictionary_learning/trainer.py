@@ -332,16 +332,15 @@ class JumpReluTrainer:
         args = (x, xW, ae.b_enc, ae.W_dec, ae.b_dec, ae.threshold, c.bandwidth,
                 lambda l0: self.sparsity_penalty(l0, coeff))  # fmt: skip
         res = None
+        bound = None if ac is None else self._autocast_error(x, ac)  # (rel, err [m]) of the bf16 xW
         if kind == "sparse" or (kind == "auto" and c.dtype == "float32"):
             max_density = None if kind == "sparse" else self.sparse_max_density
-            refine = None if ac is None else (ae.W_enc, *self._autocast_error(x, ac))
+            refine = None if ac is None else (ae.W_enc, *bound)
             res = sparse_grads(*args, max_density=max_density, out=out, refine=refine)
             self.last_backward = "sparse"
         if res is None and (kind == "autograd" or c.dtype != "float32" or ac is not None):
             if ac is not None:  # exact z where rounding could move a pair across θ or the kernel window
-                exact_near_threshold(
-                    x, xW, ae.W_enc, ae.b_enc, ae.threshold, c.bandwidth, *self._autocast_error(x, ac)
-                )
+                exact_near_threshold(x, xW, ae.W_enc, ae.b_enc, ae.threshold, c.bandwidth, *bound)
             with torch.autocast(x.device.type, dtype=ac) if ac is not None else contextlib.nullcontext():
                 res, self.last_backward = autograd_grads(*args), "autograd"
         elif res is None:
