@@ -70,13 +70,18 @@ def _quantile(pre: torch.Tensor, q: float) -> torch.Tensor:
     return pre.kthvalue(k, dim=0).values
 
 
+def _batch(B: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Generator]:
+    """_make's input batch [B, d] (E‖x‖² = 1, on the CPU) and its generator, advanced past it."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, d, generator=g) / d**0.5, g
+
+
 def _make(d: int, m: int, B: int, backward: str, seed: int = 0, x: torch.Tensor | None = None):
-    """(trainer with L0 ~ 64, input batch x [B, d]); pass x = _make's own batch to reuse it."""
+    """(trainer with L0 ~ 64, input batch x [B, d]); pass x = _batch(B, d, seed)[0] to reuse it."""
     from dictionary_learning.trainer import JumpReluTrainer
 
-    g = torch.Generator().manual_seed(seed)
-    drawn = torch.randn(B, d, generator=g)  # E‖x‖² = 1 once divided by sqrt(d)
-    x = (drawn / d**0.5).to(DEVICE) if x is None else x
+    drawn, g = _batch(B, d, seed)
+    x = drawn.to(DEVICE) if x is None else x
     del drawn
     trainer = JumpReluTrainer(
         activation_dim=d, dict_size=m, device=DEVICE, dtype="float32", steps=1_000_000, autocast=AUTOCAST,
@@ -211,7 +216,7 @@ def worker_rss(d: int, m: int, B: int, steps: int) -> dict:
     p = torch.nn.Parameter(torch.zeros(8))
     p.grad = torch.ones(8)
     torch.optim.Adam([p], fused=True).step()
-    x = torch.randn(B, d, generator=torch.Generator().manual_seed(0)) / d**0.5  # = _make's batch
+    x = _batch(B, d)[0]
     base = _rss_mb("VmRSS")
     trainer, x = _make(d, m, B, "auto", x=x)
     setup_peak = _rss_mb("VmHWM")
@@ -233,7 +238,7 @@ def worker_rss(d: int, m: int, B: int, steps: int) -> dict:
 
 def worker_cuda_mem(d: int, m: int, B: int, steps: int) -> dict:
     """Peak GPU memory of the training loop above what exists before the trainer (the input batch)."""
-    x = (torch.randn(B, d, generator=torch.Generator().manual_seed(0)) / d**0.5).to(DEVICE)  # = _make's
+    x = _batch(B, d)[0].to(DEVICE)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() / 2**20  # the input batch
     trainer, x = _make(d, m, B, "auto", x=x)
