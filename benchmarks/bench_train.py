@@ -212,10 +212,14 @@ def _against_minimum(trainer, B: int, m: int, net_mb: float) -> dict:
 
 def worker_rss(d: int, m: int, B: int, steps: int) -> dict:
     # Baseline: interpreter, torch, the optimiser machinery (the first torch.optim.Adam imports
-    # ~70 MB of modules) and an input batch, which exists before the trainer in real use.
+    # ~70 MB of modules), the CPU kernels' library (code, loaded once per process) and an input
+    # batch, which exists before the trainer in real use.
+    from dictionary_learning import kernels
+
     p = torch.nn.Parameter(torch.zeros(8))
     p.grad = torch.ones(8)
     torch.optim.Adam([p], fused=True).step()
+    kernels.cpu_ops()
     x = _batch(B, d)[0]
     base = _rss_mb("VmRSS")
     trainer, x = _make(d, m, B, "auto", x=x)
@@ -342,8 +346,11 @@ def main():
             tuned = run_worker("rss", d, m, B, args, env)
             res[name] = {k: tuned.get(k) for k in rss_keys}
         results[f"d{d}_m{m}_b{B}"] = res
+    from dictionary_learning import kernels
+
     meta = {"threads": args.threads, "reps": args.reps, "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "load_avg": os.getloadavg()}  # fmt: skip
+            "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
+            "cpu_kernels": not cuda and kernels.cpu_ops() is not None}  # fmt: skip
     if cuda:
         meta["gpu"] = torch.cuda.get_device_name()
     print(json.dumps({"configs": results, "meta": meta}))

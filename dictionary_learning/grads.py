@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .jumprelu import jumprelu, kernel, reconstruction_loss, step
 
 SparsityFn = Callable[[torch.Tensor], torch.Tensor]  # scalar L0 tensor -> sparsity loss
@@ -60,11 +61,16 @@ def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
 
 
 def candidates(xW: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor | None = None,
-               max_count: float | None = None, chunk_bytes: int = 1 << 21) -> torch.Tensor | None:  # fmt: skip
-    """Flat indices (ascending, int64) of the entries of xW [B, m] with lo < xW (and xW < hi), lo and
-    hi [m]; on CPU a few rows at a time so the bool masks stay in cache (no [B, m] mask). None as
-    soon as more than max_count are found."""
+               max_count: float | None = None, chunk_bytes: int = 1 << 21) -> tuple | None:  # fmt: skip
+    """The entries of xW [B, m] with lo < xW (and xW < hi), lo and hi [m], in row-major order:
+    (rows, cols, values xW[rows, cols]), rows and cols int32 where they fit. None as soon as more
+    than max_count are found. On CPU one fused pass (kernels.cpp), or in torch ops a few rows at a
+    time so the bool masks stay in cache (no [B, m] mask)."""
     B, m = xW.shape
+    ops = kernels.ops_for(xW, lo, *(() if hi is None else (hi,)))
+    if ops is not None:
+        rows, cols, values, n = ops.candidates(xW, lo, hi, -1 if max_count is None else int(max_count))
+        return None if n < 0 else (rows, cols, values)
     rows = max(1, min(B, chunk_bytes // m)) if xW.device.type == "cpu" else B  # GPU: one pass
     buf = torch.empty(rows, m, dtype=torch.bool, device=xW.device)
     buf2 = None if hi is None else torch.empty_like(buf)
@@ -78,7 +84,8 @@ def candidates(xW: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor | None = Non
         n += out[-1].numel()
         if max_count is not None and n > max_count:
             return None
-    return out[0] if len(out) == 1 else torch.cat(out)
+    flat = out[0] if len(out) == 1 else torch.cat(out)
+    return (*_split(flat, m), xW.reshape(-1).index_select(0, flat))
 
 
 def sum_by(index: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
@@ -106,9 +113,14 @@ def _split(flat: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _bags(offsets, idx, weights, src, out=None, block_bytes: int = 1 << 21):
     """Weighted sums of rows of src [N, d]: bag i = Σ_{p in offsets[i]:offsets[i+1]} weights[p] ·
-    src[idx[p]] -> [len(offsets) − 1, d]. Into `out` if given, a block of bags at a time (embedding_bag
-    has no out=; small blocks mean no fresh [bags, d] tensor per step: no page faults, and glibc's
-    heap does not grow, as it does once a multi-MB block is freed every step). GPU: one call."""
+    src[idx[p]] -> [len(offsets) − 1, d]. Into `out` if given: on CPU straight into it (kernels.cpp), or
+    with embedding_bag (which has no out=) a block of bags at a time; small blocks mean no fresh [bags, d]
+    tensor per step: no page faults, and glibc's heap does not grow, as it does once a multi-MB block
+    is freed every step. GPU: one embedding_bag call."""
+    ops = None if out is None else kernels.ops_for(weights, src, out)
+    if ops is not None and idx.dtype == offsets.dtype == torch.int32:
+        ops.bags(offsets, idx, weights, src, out)  # straight into out
+        return out
     if out is None or src.device.type != "cpu":
         bags = F.embedding_bag(idx, src, offsets[:-1], mode="sum", per_sample_weights=weights)
         return bags if out is None else out.copy_(bags)
@@ -148,19 +160,18 @@ def _threshold_grad(z, th, g_f, cols, threshold, bandwidth, dsp_dl0, B) -> torch
     return sum_by(cols, g, threshold.shape[0])
 
 
-def _products_at(x, W_enc, flat, approx, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x·W_enc in fp32 at the flat indices of [B, m] (ascending), their columns), by a sampled matmul;
+def _products_at(x, W_enc, rows, cols, approx) -> torch.Tensor:
+    """x·W_enc in fp32 at the pairs (rows, cols) of [B, m] (row-major order), by a sampled matmul;
     `approx`, their current values, only fills the sparsity pattern."""
-    rows, cols = _split(flat, m)
-    csr = _csr(_offsets(rows, x.shape[0]), cols, approx, (x.shape[0], m))
-    return torch.sparse.sampled_addmm(csr, x, W_enc, beta=0.0).values(), cols
+    shape = (x.shape[0], W_enc.shape[1])
+    csr = _csr(_offsets(rows, shape[0]), cols, approx, shape)
+    return torch.sparse.sampled_addmm(csr, x, W_enc, beta=0.0).values()
 
 
-def _reconstruction(x: torch.Tensor, x_hat: torch.Tensor, err_out: torch.Tensor | None = None):
-    """(mse, mean_err [d], ∂L/∂x̂ = 2(x̂ − x)/B [B, d], written into err_out if given)."""
-    err = torch.sub(x_hat, x, out=err_out) if err_out is not None else x_hat - x
-    mse = err.reshape(-1).dot(err.reshape(-1)) / x.shape[0]
-    return mse, err.mean(0), err.mul_(2.0 / x.shape[0])
+def _reconstruction(err: torch.Tensor):
+    """err = x̂ − x [B, d] -> (mse, mean_err [d], ∂L/∂x̂ = 2·err/B, in err's storage)."""
+    mse = err.reshape(-1).dot(err.reshape(-1)) / err.shape[0]
+    return mse, err.mean(0), err.mul_(2.0 / err.shape[0])
 
 
 # ---------------------------------------------------------------------------- step statistics
@@ -205,45 +216,52 @@ def sparse_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: 
     # Candidates z > θ − ε/2 (slack for rounding): every active pair (z > θ) and the kernel window.
     lo = threshold - b_enc - eps / 2 - 1e-6 * (threshold.abs() + b_enc.abs() + eps)
     max_count = None if max_density is None else max_density * B * m
-    flat = candidates(
+    found = candidates(
         xW, lo if refine is None else lo - refine[1] * lo.abs() - refine[2], max_count=max_count
     )
-    if flat is None:
-        return None  # [n] row-major below, so sorted by token
-    z = xW.reshape(-1).index_select(0, flat)
+    if found is None:
+        return None
+    rows, cols, z = found  # [n] each, row-major: sorted by token
     if refine is not None:  # x·W_enc in fp32 at the candidates; keep those that really are
-        z, cols = _products_at(x, refine[0], flat, z, m)
+        z = _products_at(x, refine[0], rows, cols, z)
         keep = (z > lo.index_select(0, cols)).nonzero().squeeze(1)
-        flat, z = flat.index_select(0, keep), z.index_select(0, keep)
-    rows, cols = _split(flat, m)
-    del flat
+        rows, cols, z = (v.index_select(0, keep) for v in (rows, cols, z))
     z.add_(b_enc.index_select(0, cols))
     th = threshold.index_select(0, cols)
     active = z > th  # [n]
     f = z * active  # feature values (0 at inactive candidates: those only matter for θ)
     t_offsets = _offsets(rows, B)  # CSR pointers over tokens
 
-    # xW is dead from here on: x̂ and ∂L/∂x̂ [B, d] go into its storage when it has room.
+    # xW is dead from here on: x̂ and x̂ − x [B, d] go into its storage when it has room.
     d = x.shape[1]
-    arena = xW.reshape(-1)[: 2 * B * d].view(2, B, d) if m >= 2 * d else [None, None]
-    x_hat = _bags(t_offsets, cols, f, W_dec, arena[0]).add_(b_dec)  # x̂_b = Σ_j f_bj W_dec_j + b_dec
-    mse, mean_err, g_xhat = _reconstruction(x, x_hat, arena[1])
+    x_hat, err = (
+        xW.reshape(-1)[: 2 * B * d].view(2, B, d) if m >= 2 * d else torch.empty(2, B, d, device=x.device)
+    )
+    # x̂_b = Σ_j f_bj W_dec_j + b_dec, and ∂L/∂f_bj = W_dec_j · ∂L/∂x̂_b at every candidate (token order)
+    ops = kernels.ops_for(x, W_dec, b_dec, f) if cols.dtype == torch.int32 else None
+    if ops is not None:  # fused per token: its W_dec rows are read once for x̂ and again from cache
+        g_f = ops.decode_grad(t_offsets.long(), cols, f, W_dec, b_dec, x, 2.0 / B, x_hat, err)
+        mse, mean_err, g_xhat = _reconstruction(err)
+    else:
+        _bags(t_offsets, cols, f, W_dec, x_hat).add_(b_dec)
+        mse, mean_err, g_xhat = _reconstruction(torch.sub(x_hat, x, out=err))
+        g_f = torch.sparse.sampled_addmm(_csr(t_offsets, cols, z, (B, m)), g_xhat, W_dec.T, beta=0.0).values()
     l0, sp, dsp_dl0 = _sparsity(sparsity_fn, float(active.sum()), B, x.device)
-
-    # ∂L/∂f_bj = W_dec_j · ∂L/∂x̂_b at every candidate, in token order.
-    g_f = torch.sparse.sampled_addmm(_csr(t_offsets, cols, z, (B, m)), g_xhat, W_dec.T, beta=0.0).values()
     g_threshold = _threshold_grad(z, th, g_f, cols, threshold, eps, dsp_dl0, B)
     g_z = g_f.mul_(active)  # ∂f/∂z = H(z − θ); the step passes nothing to z
     g_b_enc = sum_by(cols, g_z, m)
     counts = torch.zeros(m, dtype=torch.int32, device=x.device).index_add_(0, cols, active.int())
     del z, th, t_offsets
 
-    # Per-latent bags: pairs re-sorted by latent (a stable sort keeps the tokens ascending in each).
-    perm = torch.argsort(cols, stable=True)
-    l_offsets = _offsets(cols, m)  # cols are only counted here, so their order doesn't matter
-    del cols
-    rows, f, g_z = (v.index_select(0, perm) for v in (rows, f, g_z))
-    del perm, active
+    # Per-latent bags: pairs re-sorted by latent, stably (the tokens stay ascending in each).
+    if ops is not None:
+        l_offsets, (rows, f, g_z) = ops.by_latent(cols, m, [rows, f, g_z])  # a counting sort
+    else:
+        perm = torch.argsort(cols, stable=True)
+        l_offsets = _offsets(cols, m)  # cols are only counted here, so their order doesn't matter
+        rows, f, g_z = (v.index_select(0, perm) for v in (rows, f, g_z))
+        del perm
+    del cols, active
     out = out or {}
     g_W_dec = _bags(l_offsets, rows, f, g_xhat, out.get("W_dec"))  # Σ_b f_bj ∂L/∂x̂_b
     g_W_enc_t = _bags(l_offsets, rows, g_z, x, out.get("W_enc_t"))  # Σ_b ∂L/∂z_bj x_b
@@ -262,10 +280,9 @@ def exact_near_threshold(x, xW, W_enc, b_enc, threshold, bandwidth, rel, err) ->
     centre = threshold - b_enc
     half = bandwidth / 2 + err + 1e-6 * (threshold.abs() + b_enc.abs() + bandwidth)
     half = half + rel * (centre.abs() + half)
-    flat = candidates(xW, centre - half, centre + half)
-    exact, _ = _products_at(x, W_enc, flat, xW.reshape(-1).index_select(0, flat), m)
-    xW.view(-1).index_copy_(0, flat, exact)
-    return flat.numel()
+    rows, cols, approx = candidates(xW, centre - half, centre + half)
+    xW.view(-1).index_copy_(0, rows.long() * m + cols, _products_at(x, W_enc, rows, cols, approx))
+    return rows.numel()
 
 
 @torch.no_grad()
@@ -278,16 +295,15 @@ def dense_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: S
     eps = bandwidth
     z = xW.add_(b_enc)  # [B, m]
     slack = 1e-6 * (threshold.abs() + eps)
-    flat = candidates(z, threshold - eps / 2 - slack, threshold + eps / 2 + slack)  # window ⊂ these
-    z_w = z.reshape(-1).index_select(0, flat)
-    _, cols_w = _split(flat, m)
+    rows_w, cols_w, z_w = candidates(z, threshold - eps / 2 - slack, threshold + eps / 2 + slack)  # ⊃ window
+    flat = rows_w.long() * m + cols_w
     th_w = threshold.index_select(0, cols_w)
     active = z > threshold  # [B, m] bool
     l0, sp, dsp_dl0 = _sparsity(sparsity_fn, float(active.sum()), B, x.device)
     counts = active.sum(0, dtype=torch.int32)
     f = z.mul_(active)  # xW's storage now holds f
     x_hat = torch.addmm(b_dec, f, W_dec)
-    mse, mean_err, g_xhat = _reconstruction(x, x_hat)
+    mse, mean_err, g_xhat = _reconstruction(x_hat - x)
     out = out or {}
     g_W_dec = torch.mm(f.T, g_xhat, out=out.get("W_dec"))  # [m, d]
     g_f = torch.mm(g_xhat, W_dec.T, out=scratch)  # ∂L/∂f [B, m]

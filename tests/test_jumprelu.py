@@ -112,14 +112,24 @@ def test_flat_nonzero_matches_nonzero(shape, p):
 
 @pytest.mark.parametrize("chunk_bytes", [1, 40, 1 << 21])  # one row, several rows, everything
 @pytest.mark.parametrize("two_sided", [False, True])
-def test_candidates_match_mask(chunk_bytes, two_sided):
+def test_candidates_match_mask(chunk_bytes, two_sided, cpu_path):
+    """(rows, cols, values) of the pairs in (lo, hi), row-major; m = 37 is not a multiple of the
+    kernel's 16-wide compares; NaN is never a candidate; None once more than max_count are found."""
     g = torch.Generator().manual_seed(1)
-    xW = torch.randn(37, 24, generator=g)
-    lo = torch.randn(24, generator=g)
-    hi = lo + torch.rand(24, generator=g) if two_sided else None
+    xW = torch.randn(29, 37, generator=g)
+    xW[3, 5] = float("nan")
+    lo = torch.randn(37, generator=g)
+    hi = lo + torch.rand(37, generator=g) if two_sided else None
     mask = (xW > lo) & (xW < hi) if two_sided else xW > lo
     assert 0 < mask.sum() < mask.numel()
-    assert torch.equal(candidates(xW, lo, hi, chunk_bytes=chunk_bytes), mask.reshape(-1).nonzero().squeeze(1))
+    rows, cols, values = candidates(xW, lo, hi, chunk_bytes=chunk_bytes)
+    want = mask.nonzero()
+    assert rows.dtype == cols.dtype == torch.int32
+    assert torch.equal(rows.long(), want[:, 0]) and torch.equal(cols.long(), want[:, 1])
+    assert torch.equal(values, xW[mask])
+    n = int(mask.sum())
+    assert candidates(xW, lo, hi, max_count=n, chunk_bytes=chunk_bytes) is not None
+    assert candidates(xW, lo, hi, max_count=n - 1, chunk_bytes=chunk_bytes) is None
 
 
 def test_bags_into_out_match_direct_sums():

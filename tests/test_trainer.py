@@ -127,7 +127,7 @@ def test_schedules():
 
 @pytest.mark.parametrize("mode", ["l0", "target_l0"])
 @pytest.mark.parametrize("quantile", [0.5, 0.9, 0.99])
-def test_sparse_and_dense_gradients_agree_with_autograd(mode, quantile):
+def test_sparse_and_dense_gradients_agree_with_autograd(mode, quantile, cpu_path):
     t = JumpReluTrainer(activation_dim=24, dict_size=80, device=DEVICE, sparsity_mode=mode, target_l0=3,
                         bandwidth=0.02, sparsity_coeff=0.7, seed=1)  # fmt: skip
     x = randomise(t, seed=2, quantile=quantile)
@@ -154,7 +154,7 @@ def test_sparse_and_dense_gradients_agree_with_autograd(mode, quantile):
 
 
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
-def test_gradients_written_in_place(kind):
+def test_gradients_written_in_place(kind, cpu_path):
     """The W_dec / W_enc gradients are computed into last step's tensors (sparse: block-wise bags):
     same gradients as autograd, and the storage is reused across steps."""
     t = JumpReluTrainer(activation_dim=24, dict_size=80, device=DEVICE, backward=kind, bandwidth=0.02)
