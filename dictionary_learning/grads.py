@@ -177,7 +177,7 @@ def _reconstruction(err: torch.Tensor):
 # ---------------------------------------------------------------------------- step statistics
 
 
-def row_dot(a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 1 << 20) -> torch.Tensor:
+def row_dot(a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 1 << 18) -> torch.Tensor:
     """Row-wise dot products of a, b [m, d] -> [m], a block of rows at a time (no [m, d] temporary)."""
     out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
     rows = max(1, chunk_elems // max(1, a.shape[1]))
@@ -360,7 +360,10 @@ def optimizer_step(optimizer, params: dict, lr: float, max_grad_norm: float | No
         if p.grad.stride() != p.stride():
             p.grad = torch.empty_like(p).copy_(p.grad)
     W_dec = params["W_dec"]
-    if unit_norm_decoder:
+    ops = kernels.ops_for(W_dec, W_dec.grad) if unit_norm_decoder else None
+    if ops is not None:  # fused per row (no [m, d] temporaries, one pass over memory)
+        ops.remove_parallel(W_dec.grad, W_dec)
+    elif unit_norm_decoder:
         W_dec.grad.addcmul_(row_dot(W_dec.grad, W_dec).unsqueeze(1), W_dec, value=-1.0)
     if max_grad_norm is not None:  # = clip_grad_norm_, minus the no-op ×1 pass when not clipping
         total = torch.nn.utils.get_total_norm([p.grad for p in params.values()])
@@ -370,5 +373,7 @@ def optimizer_step(optimizer, params: dict, lr: float, max_grad_norm: float | No
         group["lr"] = lr
     optimizer.step()
     params["threshold"].clamp_(min=0.0)  # so encode = z·1[z > θ] is the same in training and inference
-    if unit_norm_decoder:
+    if ops is not None:
+        ops.normalize_rows(W_dec)
+    elif unit_norm_decoder:
         W_dec.div_(torch.linalg.vector_norm(W_dec, dim=1, keepdim=True))

@@ -13,6 +13,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <optional>
 #include <tuple>
@@ -253,6 +254,42 @@ Tensor decode_grad(const Tensor& t_offsets, const Tensor& cols, const Tensor& f,
   return g_f;
 }
 
+// Unit-norm decoder rows (the decoder's rows are kept on the unit sphere):
+//   remove_parallel: grad[j] −= (grad[j] · W[j]) W[j]   (the component that would change ‖W[j]‖)
+//   normalize_rows:  W[j] /= ‖W[j]‖
+// one row at a time, in place: the row is read from memory once and again from L1.
+void remove_parallel(Tensor grad, const Tensor& W) {
+  check_f32(grad, "grad", 2);
+  check_f32(W, "W", 2);
+  SAE_CHECK(grad.sizes() == W.sizes(), "grad and W must have the same shape");
+  const int64_t m = W.size(0), d = W.size(1);
+  float* G = grad.data_ptr<float>();
+  const float* P = W.data_ptr<float>();
+  at::parallel_for(0, m, 64, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      float *g = G + j * d;
+      const float* w = P + j * d;
+      const float c = dot(g, w, d);
+#pragma omp simd
+      for (int64_t k = 0; k < d; ++k) g[k] -= c * w[k];
+    }
+  });
+}
+
+void normalize_rows(Tensor W) {
+  check_f32(W, "W", 2);
+  const int64_t m = W.size(0), d = W.size(1);
+  float* P = W.data_ptr<float>();
+  at::parallel_for(0, m, 64, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      float* w = P + j * d;
+      const float inv = 1.f / std::sqrt(dot(w, w, d));
+#pragma omp simd
+      for (int64_t k = 0; k < d; ++k) w[k] *= inv;
+    }
+  });
+}
+
 TORCH_LIBRARY(sae_kernels, lib) {
   lib.def("candidates(Tensor xW, Tensor lo, Tensor? hi, int max_count) -> (Tensor, Tensor, Tensor, int)",
           &candidates);
@@ -260,5 +297,7 @@ TORCH_LIBRARY(sae_kernels, lib) {
           "float scale, Tensor(a!) x_hat, Tensor(b!) err) -> Tensor",
           &decode_grad);
   lib.def("bags(Tensor offsets, Tensor idx, Tensor w, Tensor src, Tensor(a!) out) -> ()", &bags);
+  lib.def("remove_parallel(Tensor(a!) grad, Tensor W) -> ()", &remove_parallel);
+  lib.def("normalize_rows(Tensor(a!) W) -> ()", &normalize_rows);
   lib.def("by_latent(Tensor cols, int m, Tensor[] values) -> (Tensor, Tensor[])", &by_latent);
 }

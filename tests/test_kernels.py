@@ -152,3 +152,14 @@ def test_bags_equal_embedding_bag(ops):
     torch.testing.assert_close(out, want)
     with pytest.raises(RuntimeError, match="row index out of range"):
         ops.bags(offsets, torch.full_like(idx, 30), w, src, out)
+
+
+def test_unit_norm_row_ops_equal_their_formulas(ops):
+    g = torch.Generator().manual_seed(8)
+    W, grad = torch.randn(37, 70, generator=g), torch.randn(37, 70, generator=g)
+    want = grad.double() - (grad.double() * W.double()).sum(1, keepdim=True) * W.double()
+    ops.remove_parallel(grad, W)
+    torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-5)
+    want = W.double() / W.double().norm(dim=1, keepdim=True)
+    ops.normalize_rows(W)
+    torch.testing.assert_close(W.double(), want, rtol=1e-6, atol=1e-6)

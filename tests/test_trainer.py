@@ -220,6 +220,22 @@ def test_optimizer_step_is_dense_adam():
     assert v1[:8].min() > 0
 
 
+def test_unit_norm_decoder_step(cpu_path):
+    """With unit_norm_decoder the gradient's component along each W_dec row is removed before Adam
+    (in place: the stored gradient ends up orthogonal to the old rows), and the rows are unit length
+    after the step; the kernels and the torch ops give the same step."""
+    t = JumpReluTrainer(activation_dim=16, dict_size=32, device=DEVICE, lr=1e-2, warmup_steps=0)
+    x = randomise(t, quantile=0.7)
+    W0 = t.ae.W_dec.detach().clone()
+    torch.testing.assert_close(W0.norm(dim=1), torch.ones(32, device=DEVICE))  # unit rows from the init
+    t.update(0, x)
+    g = t.params["W_dec"].grad
+    assert g.abs().sum() > 0
+    assert (g * W0).sum(1).abs().max() <= 1e-5 * g.norm(dim=1).max()
+    torch.testing.assert_close(t.ae.W_dec.norm(dim=1), torch.ones(32, device=DEVICE))
+    assert (t.ae.W_dec - W0).norm(dim=1).min() > 1e-4  # every row moved
+
+
 def test_threshold_never_negative():
     # no sparsity pressure, big lr: the reconstruction term pushes θ down into the clamp
     t = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, sparsity_coeff=0.0, lr=0.05,
