@@ -169,7 +169,8 @@ def _products_at(x, W_enc, rows, cols, approx) -> torch.Tensor:
 
 
 def _reconstruction(err: torch.Tensor):
-    """err = x̂ − x [B, d] -> (mse, mean_err [d], ∂L/∂x̂ = 2·err/B, in err's storage)."""
+    """err = x̂ − x [B, d] -> (mse, mean_err [d], ∂L/∂x̂ = 2·err/B, in err's storage). ∂L/∂b_dec = Σ_b ∂L/∂x̂_b
+    = 2·mean_err."""
     mse = err.reshape(-1).dot(err.reshape(-1)) / err.shape[0]
     return mse, err.mean(0), err.mul_(2.0 / err.shape[0])
 
@@ -265,7 +266,7 @@ def sparse_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: 
     out = out or {}
     g_W_dec = _bags(l_offsets, rows, f, g_xhat, out.get("W_dec"))  # Σ_b f_bj ∂L/∂x̂_b
     g_W_enc_t = _bags(l_offsets, rows, g_z, x, out.get("W_enc_t"))  # Σ_b ∂L/∂z_bj x_b
-    grads = {"W_enc": g_W_enc_t.T, "b_enc": g_b_enc, "W_dec": g_W_dec, "b_dec": g_xhat.sum(0),
+    grads = {"W_enc": g_W_enc_t.T, "b_enc": g_b_enc, "W_dec": g_W_dec, "b_dec": 2 * mean_err,
              "threshold": g_threshold}  # fmt: skip
     return grads, GradStats(mse + sp, mse, sp, l0, x_hat, mean_err, counts > 0, counts)
 
@@ -312,7 +313,7 @@ def dense_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: S
     g_z = g_f.mul_(active)
     del active
     g_W_enc_t = torch.mm(g_z.T, x, out=out.get("W_enc_t"))  # [m, d]
-    grads = {"W_enc": g_W_enc_t.T, "b_enc": g_z.sum(0), "W_dec": g_W_dec, "b_dec": g_xhat.sum(0),
+    grads = {"W_enc": g_W_enc_t.T, "b_enc": g_z.sum(0), "W_dec": g_W_dec, "b_dec": 2 * mean_err,
              "threshold": g_threshold}  # fmt: skip
     return grads, GradStats(mse + sp, mse, sp, l0, x_hat, mean_err, counts > 0, counts)
 

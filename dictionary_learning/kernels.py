@@ -59,10 +59,18 @@ def _build():
 
     if not _ninja_on_path():
         raise RuntimeError("ninja not found (pip install ninja)")
-    build_dir.mkdir(parents=True, exist_ok=True)
+    # Built in a folder of this process's own, then renamed into place: processes that start at once
+    # (torchrun) each build, and none ever loads a half-written library.
+    tmp = Path(root) / f"{name}.build-{os.getpid()}"
     flags = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: at::parallel_for runs on torch's threads
-    load(name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
-         is_python_module=False, verbose=False)  # fmt: skip
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        load(name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(tmp),
+             is_python_module=False, verbose=False)  # fmt: skip
+        build_dir.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / f"{name}.so", build_dir / f"{name}.so")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return torch.ops.sae_kernels
 
 
