@@ -13,6 +13,7 @@
 #endif
 
 #include <algorithm>
+#include <exception>
 #include <cmath>
 #include <atomic>
 #include <optional>
@@ -22,6 +23,25 @@
 using at::Tensor;
 
 #define SAE_CHECK(cond, ...) TORCH_CHECK(cond, "sae kernels: ", __VA_ARGS__)
+
+// fn(begin, end) over [0, n) in chunks of `grain`, handed out to torch's threads as they come free
+// (OpenMP dynamic schedule): on a shared CPU a descheduled thread does not hold up the others, as
+// with a static split. The first exception is re-thrown after the loop.
+template <class Fn>
+static void parallel_chunks(int64_t n, int64_t grain, const Fn& fn) {
+  const int64_t chunks = (n + grain - 1) / grain;
+  std::exception_ptr error;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(int(std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(chunks, 1)))) if (chunks > 1 && !at::in_parallel_region())
+  for (int64_t c = 0; c < chunks; ++c) {
+    try {
+      fn(c * grain, std::min(n, (c + 1) * grain));
+    } catch (...) {
+#pragma omp critical(sae_kernels_error)
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
 
 static void check_f32(const Tensor& t, const char* name, int64_t ndim) {
   SAE_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == ndim,
@@ -127,7 +147,7 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> candidates(const Tensor& xW, const T
   std::vector<std::vector<int32_t>> cols(n_blocks);
   std::vector<int64_t> per_row(B, 0);
   std::atomic<int64_t> found{0};
-  at::parallel_for(0, n_blocks, 1, [&](int64_t c0, int64_t c1) {
+  parallel_chunks(n_blocks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       if (max_count >= 0 && found.load(std::memory_order_relaxed) > max_count) return;
       auto& cc = cols[c];
@@ -156,7 +176,7 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> candidates(const Tensor& xW, const T
   Tensor r = at::empty({n}, i32), k = at::empty({n}, i32), v = at::empty({n}, xW.options());
   int32_t *pr = r.data_ptr<int32_t>(), *pk = k.data_ptr<int32_t>();
   float* pv = v.data_ptr<float>();
-  at::parallel_for(0, n_blocks, 1, [&](int64_t c0, int64_t c1) {
+  parallel_chunks(n_blocks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       int64_t p = start[c];
       std::copy(cols[c].begin(), cols[c].end(), pk + p);
@@ -186,7 +206,7 @@ void bags(const Tensor& offsets, const Tensor& idx, const Tensor& w, const Tenso
   SAE_CHECK(O[0] == 0 && O[N] == n, "offsets must span the pairs");
   const float *W = w.data_ptr<float>(), *S = src.data_ptr<float>();
   float* out_p = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t i0, int64_t i1) {
+  parallel_chunks(N, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       for (int64_t p = O[i]; p < O[i + 1]; ++p) SAE_CHECK(I[p] >= 0 && I[p] < rows, "row index out of range");
       bag(S, d, I, W, O[i], O[i + 1], nullptr, out_p + i * d);
@@ -251,7 +271,7 @@ Tensor decode_grad(const Tensor& t_offsets, const Tensor& cols, const Tensor& f,
   Tensor g_f = at::empty({n}, f.options());
   float* G = g_f.data_ptr<float>();
   const float s = float(scale);
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+  parallel_chunks(B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t p = T[b]; p < T[b + 1]; ++p) SAE_CHECK(K[p] >= 0 && K[p] < m, "latent index out of range");
       float* acc = XH + b * d;
@@ -277,7 +297,7 @@ void remove_parallel(Tensor grad, const Tensor& W) {
   const int64_t m = W.size(0), d = W.size(1);
   float* G = grad.data_ptr<float>();
   const float* P = W.data_ptr<float>();
-  at::parallel_for(0, m, 64, [&](int64_t j0, int64_t j1) {
+  parallel_chunks(m, 64, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       float *g = G + j * d;
       const float* w = P + j * d;
@@ -292,7 +312,7 @@ void normalize_rows(Tensor W) {
   check_f32(W, "W", 2);
   const int64_t m = W.size(0), d = W.size(1);
   float* P = W.data_ptr<float>();
-  at::parallel_for(0, m, 64, [&](int64_t j0, int64_t j1) {
+  parallel_chunks(m, 64, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       float* w = P + j * d;
       const float inv = 1.f / std::sqrt(dot(w, w, d));
