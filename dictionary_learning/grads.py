@@ -11,6 +11,9 @@ Three implementations, the same numbers up to summation order:
   autograd_grads  plain autograd through JumpReLUFunction / StepFunction (the reference; any dtype)
 Each takes xW = x @ W_enc [B, m] (no bias) from the caller's reused buffer and may overwrite it,
 and returns ({W_enc [d, m], b_enc, W_dec, b_dec, threshold} gradients, GradStats).
+On CPU the per-pair passes of sparse_grads (candidate scan, decode + ∂L/∂f, sort by latent, bags)
+and the unit-norm steps run as fused C++ kernels (kernels.py) where they are built; the torch ops
+next to each call are the same math, used on GPUs and as the fallback.
 """
 
 from __future__ import annotations
