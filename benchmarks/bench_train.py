@@ -4,14 +4,16 @@
     python benchmarks/bench_train.py --crossover --configs 576,4608,1024   # where 'auto' should switch
     python benchmarks/bench_train.py --json --device cuda --autocast bfloat16  # on a GPU
 
-For each config (d, m, batch), fp32 on CPU, each measurement in a fresh subprocess run with
+meta.cpu_kernels says whether the step ran the fused CPU kernels (dictionary_learning/kernels.cpp) or
+the torch-op fallback. For each config (d, m, batch), fp32 on CPU, each measurement in a fresh subprocess run with
 OMP_WAIT_POLICY=PASSIVE (timings with OpenMP's default spinning wait policy are reported as well):
   step_ms        median time of trainer.update (sparse backward once L0 is low)
   floor_ms       one dense [B, d] @ [d, m] GEMM, timed in the same process, interleaved with the steps
   dense_ms       the same update with backward="dense" (grads.dense_grads: [B, m] GEMMs), same process
   peak_rss_mb    peak RSS during updates in a fresh process that only builds the trainer and trains
                  (set-up garbage is trimmed and VmHWM reset first); baseline_rss_mb is the RSS before
-                 the trainer exists (interpreter, torch and its optimiser modules, the input batch); net = peak − baseline is
+                 the trainer exists (interpreter, torch and its optimiser modules, the CPU kernels'
+                 library, the input batch); net = peak − baseline is
                  compared with the minimum = params + grads + Adam state (2 × params) + one [B, m] fp32;
                  measured with default malloc settings, with MALLOC_MMAP_THRESHOLD_=262144, and with that
                  and MKL_DISABLE_FAST_MM=1 (MKL then frees its GEMM buffers after each call).
