@@ -1,7 +1,9 @@
 """Fused CPU kernels for the sparse training step (kernels.cpp), compiled once per machine with the
 system C++ compiler through torch.utils.cpp_extension (~10 s; kept under TORCH_EXTENSIONS_DIR,
-default ~/.cache/torch_extensions, and loaded from there afterwards). grads.py has the same math in torch ops and uses it wherever
-these are not available: on GPUs, without a compiler or ninja, or with SAE_KERNELS=0.
+default ~/.cache/torch_extensions, and loaded from there afterwards). grads.py has the same math in
+torch ops and uses it wherever these are not available: on GPUs, without a compiler or ninja, or
+with SAE_KERNELS=0. They are compiled for this CPU (-march=native; SAE_KERNELS_MARCH=x86-64-v3, say,
+for another target).
 
     ops = kernels.cpu_ops()        # torch.ops.sae_kernels, or None (a warning says why, once)
 """
@@ -46,7 +48,9 @@ def _ninja_on_path() -> bool:
 
 def _build():
     """Load the library built for this source, CPU and torch; build it first if there is none."""
-    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_tag().encode() + torch.__version__.encode()).hexdigest()
+    march = os.environ.get("SAE_KERNELS_MARCH", "native")  # e.g. x86-64-v3 for a mixed cluster
+    tag = f"{_cpu_tag()} {march} {torch.__version__}"
+    key = hashlib.sha256(SOURCE.read_bytes() + tag.encode()).hexdigest()
     name = f"sae_kernels_{key[:12]}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     build_dir = Path(root) / name
@@ -62,7 +66,7 @@ def _build():
     # Built in a folder of this process's own, then renamed into place: processes that start at once
     # (torchrun) each build, and none ever loads a half-written library.
     tmp = Path(root) / f"{name}.build-{os.getpid()}"
-    flags = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: at::parallel_for runs on torch's threads
+    flags = ["-O3", f"-march={march}", "-fopenmp"]  # OpenMP: the kernels run on torch's threads
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         load(name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(tmp),
