@@ -163,3 +163,19 @@ def test_unit_norm_row_ops_equal_their_formulas(ops):
     want = W.double() / W.double().norm(dim=1, keepdim=True)
     ops.normalize_rows(W)
     torch.testing.assert_close(W.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_by_latent_is_a_stable_sort(ops):
+    g = torch.Generator().manual_seed(9)
+    cols = torch.randint(0, 11, (300,), generator=g, dtype=torch.int32)
+    cols[cols == 7] = 8  # latent 7 has no pairs
+    rows = torch.arange(300, dtype=torch.int32)
+    values = torch.randn(300, generator=g)
+    offsets, (rows_s, values_s) = ops.by_latent(cols, 11, [rows, values])
+    perm = torch.argsort(cols, stable=True)
+    assert torch.equal(rows_s, rows[perm]) and torch.equal(values_s, values[perm])
+    assert torch.equal(
+        offsets.long(), torch.cat([torch.zeros(1), torch.bincount(cols, minlength=11).cumsum(0)]).long()
+    )
+    with pytest.raises(RuntimeError, match="latent index out of range"):
+        ops.by_latent(cols, 5, [rows])
