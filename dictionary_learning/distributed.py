@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import kernels
 from .buffer import DataExhausted
 from .data_parallel import DataParallelTrainer
 from .trainer import JumpReluTrainer
@@ -340,6 +341,8 @@ def init(mode: str = "data", device: str | None = None, timeout_s: float | None 
     if not dist.is_initialized():
         ctx._call("init_process_group", dist.init_process_group, backend, init_method="env://", rank=rank,
                   world_size=world, timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
+    if backend == "gloo" and mode == "data":  # CPU replicas: all on the kernels or all on torch ops
+        kernels.agree_across_ranks(ctx.all_gather_object)
     _CTX = ctx
     return ctx
 

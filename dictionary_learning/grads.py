@@ -71,7 +71,7 @@ def candidates(xW: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor | None = Non
     time so the bool masks stay in cache (no [B, m] mask)."""
     B, m = xW.shape
     ops = kernels.ops_for(xW, lo, *(() if hi is None else (hi,)))
-    if ops is not None:
+    if ops is not None and min(B * m, max_count if max_count is not None else B * m) < 2**31:  # int32 pairs
         rows, cols, values, n = ops.candidates(xW, lo, hi, -1 if max_count is None else int(max_count))
         return None if n < 0 else (rows, cols, values)
     rows = max(1, min(B, chunk_bytes // m)) if xW.device.type == "cpu" else B  # GPU: one pass
@@ -238,9 +238,7 @@ def sparse_grads(x, xW, b_enc, W_dec, b_dec, threshold, bandwidth, sparsity_fn: 
 
     # xW is dead from here on: x̂ and x̂ − x [B, d] go into its storage when it has room.
     d = x.shape[1]
-    x_hat, err = (
-        xW.reshape(-1)[: 2 * B * d].view(2, B, d) if m >= 2 * d else torch.empty(2, B, d, device=x.device)
-    )
+    x_hat, err = xW.reshape(-1)[: 2 * B * d].view(2, B, d) if m >= 2 * d else x.new_empty(2, B, d)
     # x̂_b = Σ_j f_bj W_dec_j + b_dec, and ∂L/∂f_bj = W_dec_j · ∂L/∂x̂_b at every candidate (token order)
     ops = kernels.ops_for(x, W_dec, b_dec, f) if cols.dtype == torch.int32 else None
     if ops is not None:  # fused per token: its W_dec rows are read once for x̂ and again from cache

@@ -13,9 +13,9 @@
 #endif
 
 #include <algorithm>
-#include <exception>
-#include <cmath>
 #include <atomic>
+#include <cmath>
+#include <exception>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -30,8 +30,9 @@ using at::Tensor;
 template <class Fn>
 static void parallel_chunks(int64_t n, int64_t grain, const Fn& fn) {
   const int64_t chunks = (n + grain - 1) / grain;
+  const int threads = int(std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(chunks, 1)));
   std::exception_ptr error;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(int(std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(chunks, 1)))) if (chunks > 1 && !at::in_parallel_region())
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (chunks > 1 && !at::in_parallel_region())
   for (int64_t c = 0; c < chunks; ++c) {
     try {
       fn(c * grain, std::min(n, (c + 1) * grain));
@@ -45,10 +46,29 @@ static void parallel_chunks(int64_t n, int64_t grain, const Fn& fn) {
 
 static void check_f32(const Tensor& t, const char* name, int64_t ndim) {
   SAE_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == ndim,
-        name, " must be a contiguous fp32 CPU tensor with ", ndim, " dims");
+            name, " must be a contiguous fp32 CPU tensor with ", ndim, " dims");
 }
 
-constexpr int64_t AHEAD = 4;  // prefetch distance in bag, in pairs (8 and more measured slower: too many lines in flight)
+// Prefetch distance in bag, in pairs (8 and more measured slower: too many cache lines in flight).
+// idx: contiguous int32 [n]; offsets: contiguous [N + 1] of T, 0 = offsets[0] <= ... <= offsets[N] = n.
+static void check_pairs(const Tensor& idx, int64_t n, const char* name) {
+  SAE_CHECK(idx.device().is_cpu() && idx.scalar_type() == at::kInt && idx.is_contiguous() && idx.dim() == 1 &&
+                idx.size(0) == n,
+            name, " must be a contiguous int32 CPU tensor [", n, "]");
+}
+
+template <class T>
+static const T* check_offsets(const Tensor& offsets, int64_t N, int64_t n, const char* name) {
+  SAE_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == c10::CppTypeToScalarType<T>::value &&
+                offsets.is_contiguous() && offsets.dim() == 1 && offsets.size(0) == N + 1,
+            name, " must be a contiguous ", sizeof(T) == 4 ? "int32" : "int64", " CPU tensor [", N + 1, "]");
+  const T* O = offsets.data_ptr<T>();
+  SAE_CHECK(O[0] == 0 && O[N] == n, name, " must run from 0 to the number of pairs, ", n);
+  for (int64_t i = 0; i < N; ++i) SAE_CHECK(O[i] <= O[i + 1], name, " must not decrease");
+  return O;
+}
+
+constexpr int64_t AHEAD = 4;
 
 // a · b over d floats: four independent chains of 16-wide partial sums (no single FMA dependency
 // chain), added as vectors, then across the 16 lanes.
@@ -83,9 +103,9 @@ static inline void prefetch_row(const float* row, int64_t d) {
 }
 
 // out[0:d] = init (or 0) + Σ_{p in [p0, p1)} w[p] · src[idx[p]] (rows of src [·, d]), summed in pair
-// order; pairs with w = 0 are skipped (they add exactly 0). Four rows are added per pass over out (out
-// stays in L1, its loads and stores shared by four rows), and the row AHEAD pairs on is prefetched: the
-// rows are scattered over src.
+// order. Pairs with w = 0 are added too, as embedding_bag does: 0 · a NaN or inf row is NaN, and must
+// reach the loss. Four rows are added per pass over out (out stays in L1, its loads and stores shared
+// by four rows), and the row AHEAD pairs on is prefetched: the rows are scattered over src.
 static inline void bag(const float* src, int64_t d, const int32_t* idx, const float* w, int64_t p0, int64_t p1,
                        const float* init, float* out) {
   if (init)
@@ -98,7 +118,6 @@ static inline void bag(const float* src, int64_t d, const int32_t* idx, const fl
   int n = 0;
   for (int64_t p = p0; p < p1; ++p) {
     if (p + AHEAD < p1) prefetch_row(src + int64_t(idx[p + AHEAD]) * d, d);
-    if (w[p] == 0.f) continue;
     r[n] = src + int64_t(idx[p]) * d;
     c[n] = w[p];
     if (++n < 4) continue;
@@ -197,13 +216,11 @@ void bags(const Tensor& offsets, const Tensor& idx, const Tensor& w, const Tenso
   check_f32(w, "w", 1);
   check_f32(src, "src", 2);
   check_f32(out, "out", 2);
-  SAE_CHECK(offsets.scalar_type() == at::kInt && idx.scalar_type() == at::kInt && offsets.is_contiguous() &&
-                idx.is_contiguous(),
-            "offsets and idx must be contiguous int32");
-  const int64_t N = out.size(0), d = out.size(1), n = idx.size(0), rows = src.size(0);
-  SAE_CHECK(offsets.size(0) == N + 1 && w.size(0) == n && src.size(1) == d, "shapes");
-  const int32_t *O = offsets.data_ptr<int32_t>(), *I = idx.data_ptr<int32_t>();
-  SAE_CHECK(O[0] == 0 && O[N] == n, "offsets must span the pairs");
+  const int64_t N = out.size(0), d = out.size(1), n = w.size(0), rows = src.size(0);
+  SAE_CHECK(src.size(1) == d, "src and out must have the same row length");
+  check_pairs(idx, n, "idx");
+  const int32_t* O = check_offsets<int32_t>(offsets, N, n, "offsets");
+  const int32_t* I = idx.data_ptr<int32_t>();
   const float *W = w.data_ptr<float>(), *S = src.data_ptr<float>();
   float* out_p = out.data_ptr<float>();
   parallel_chunks(N, 16, [&](int64_t i0, int64_t i1) {
@@ -217,8 +234,8 @@ void bags(const Tensor& offsets, const Tensor& idx, const Tensor& w, const Tenso
 // The pairs re-ordered by latent, stably (a counting sort): cols int32 [n] in [0, m), values a list
 // of [n] tensors of 4-byte elements -> (offsets int32 [m + 1], the values permuted).
 std::tuple<Tensor, std::vector<Tensor>> by_latent(const Tensor& cols, int64_t m, const std::vector<Tensor>& values) {
-  SAE_CHECK(cols.scalar_type() == at::kInt && cols.is_contiguous() && cols.dim() == 1, "cols must be int32 [n]");
   const int64_t n = cols.size(0);
+  check_pairs(cols, n, "cols");
   SAE_CHECK(n < (int64_t(1) << 31), "more than 2^31 pairs");
   const int32_t* K = cols.data_ptr<int32_t>();
   Tensor offsets = at::zeros({m + 1}, cols.options());
@@ -256,14 +273,11 @@ Tensor decode_grad(const Tensor& t_offsets, const Tensor& cols, const Tensor& f,
   check_f32(x, "x", 2);
   check_f32(x_hat, "x_hat", 2);
   check_f32(err, "err", 2);
-  SAE_CHECK(t_offsets.scalar_type() == at::kLong && cols.scalar_type() == at::kInt && cols.is_contiguous(),
-        "t_offsets int64, cols int32");
-  const int64_t B = x.size(0), d = x.size(1), n = cols.size(0), m = W_dec.size(0);
-  SAE_CHECK(t_offsets.size(0) == B + 1 && f.size(0) == n && W_dec.size(1) == d && x_hat.sizes() == x.sizes() &&
-            err.sizes() == x.sizes(),
-        "shapes");
-  const int64_t* T = t_offsets.data_ptr<int64_t>();
-  SAE_CHECK(T[0] == 0 && T[B] == n, "t_offsets must span the pairs");
+  const int64_t B = x.size(0), d = x.size(1), n = f.size(0), m = W_dec.size(0);
+  SAE_CHECK(W_dec.size(1) == d && b_dec.size(0) == d && x_hat.sizes() == x.sizes() && err.sizes() == x.sizes(),
+            "W_dec [m, d], b_dec [d], x_hat and err [B, d] must match x [B, d]");
+  check_pairs(cols, n, "cols");
+  const int64_t* T = check_offsets<int64_t>(t_offsets, B, n, "t_offsets");
   const int32_t* K = cols.data_ptr<int32_t>();
   const float *F = f.data_ptr<float>(), *W = W_dec.data_ptr<float>(), *bd = b_dec.data_ptr<float>(),
               *X = x.data_ptr<float>();
@@ -322,14 +336,23 @@ void normalize_rows(Tensor W) {
   });
 }
 
+// Schemas here, CPU implementations below: the dispatcher then treats the (a!) arguments as in-place
+// writes (version counters, no silent in-place writes to tensors that need grad).
 TORCH_LIBRARY(sae_kernels, lib) {
-  lib.def("candidates(Tensor xW, Tensor lo, Tensor? hi, int max_count) -> (Tensor, Tensor, Tensor, int)",
-          &candidates);
+  lib.def("candidates(Tensor xW, Tensor lo, Tensor? hi, int max_count) -> (Tensor, Tensor, Tensor, int)");
   lib.def("decode_grad(Tensor t_offsets, Tensor cols, Tensor f, Tensor W_dec, Tensor b_dec, Tensor x, "
-          "float scale, Tensor(a!) x_hat, Tensor(b!) err) -> Tensor",
-          &decode_grad);
-  lib.def("bags(Tensor offsets, Tensor idx, Tensor w, Tensor src, Tensor(a!) out) -> ()", &bags);
-  lib.def("remove_parallel(Tensor(a!) grad, Tensor W) -> ()", &remove_parallel);
-  lib.def("normalize_rows(Tensor(a!) W) -> ()", &normalize_rows);
-  lib.def("by_latent(Tensor cols, int m, Tensor[] values) -> (Tensor, Tensor[])", &by_latent);
+          "float scale, Tensor(a!) x_hat, Tensor(b!) err) -> Tensor");
+  lib.def("bags(Tensor offsets, Tensor idx, Tensor w, Tensor src, Tensor(a!) out) -> ()");
+  lib.def("remove_parallel(Tensor(a!) grad, Tensor W) -> ()");
+  lib.def("normalize_rows(Tensor(a!) W) -> ()");
+  lib.def("by_latent(Tensor cols, int m, Tensor[] values) -> (Tensor, Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(sae_kernels, CPU, lib) {
+  lib.impl("candidates", &candidates);
+  lib.impl("decode_grad", &decode_grad);
+  lib.impl("bags", &bags);
+  lib.impl("remove_parallel", &remove_parallel);
+  lib.impl("normalize_rows", &normalize_rows);
+  lib.impl("by_latent", &by_latent);
 }

@@ -14,6 +14,8 @@ import hashlib
 import os
 import platform
 import shutil
+import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 _state: dict = {}  # "ops": the loaded namespace or None, once tried
+_lock = threading.Lock()
 
 
 def _cpu_tag() -> str:
@@ -46,52 +49,80 @@ def _ninja_on_path() -> bool:
     return shutil.which("ninja") is not None
 
 
+FLAGS = ["-O3", "-fopenmp"]  # OpenMP: the kernels run on torch's threads (its libgomp)
+
+
 def _build():
-    """Load the library built for this source, CPU and torch; build it first if there is none."""
+    """Load the library built for this source, CPU, flags and torch; build it first if there is none."""
+    try:  # already in this process (a second TORCH_LIBRARY for the namespace would abort it)
+        torch.ops.sae_kernels.candidates  # noqa: B018
+        return torch.ops.sae_kernels
+    except (AttributeError, RuntimeError):
+        pass
     march = os.environ.get("SAE_KERNELS_MARCH", "native")  # e.g. x86-64-v3 for a mixed cluster
-    tag = f"{_cpu_tag()} {march} {torch.__version__}"
+    flags = [*FLAGS, f"-march={march}"]
+    tag = f"{_cpu_tag()} {' '.join(flags)} {torch.__version__}"
     key = hashlib.sha256(SOURCE.read_bytes() + tag.encode()).hexdigest()
     name = f"sae_kernels_{key[:12]}"
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
-    build_dir = Path(root) / name
-    try:  # built before: skip importing the builder (and setuptools) altogether
-        torch.ops.load_library(str(build_dir / f"{name}.so"))
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    lib = root / name / f"{name}.so"
+    try:  # built before: no need to import the builder (and setuptools)
+        torch.ops.load_library(str(lib))
         return torch.ops.sae_kernels
-    except OSError:
+    except OSError:  # none yet (or unreadable): build it
         pass
     from torch.utils.cpp_extension import load
 
     if not _ninja_on_path():
         raise RuntimeError("ninja not found (pip install ninja)")
-    # Built in a folder of this process's own, then renamed into place: processes that start at once
-    # (torchrun) each build, and none ever loads a half-written library.
-    tmp = Path(root) / f"{name}.build-{os.getpid()}"
-    flags = ["-O3", f"-march={march}", "-fopenmp"]  # OpenMP: the kernels run on torch's threads
+    # Built in a fresh folder of its own, then renamed into place: processes that start at once
+    # (torchrun) each build, none ever loads a half-written library, and a build killed half-way
+    # leaves nothing that a later one would wait on.
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}.build-", dir=root))
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
         load(name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(tmp),
              is_python_module=False, verbose=False)  # fmt: skip
-        build_dir.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp / f"{name}.so", build_dir / f"{name}.so")
+        lib.parent.mkdir(exist_ok=True)
+        os.replace(tmp / lib.name, lib)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return torch.ops.sae_kernels
 
 
+def _reason(e: Exception) -> str:
+    """The line of a build failure that says what went wrong (the compiler's first error)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line.lower()]
+    other = [line for line in lines if not line.startswith("ninja:")]
+    return (errors[0] if errors else other[-1] if other else type(e).__name__)[:200]
+
+
 def cpu_ops():
-    """torch.ops.sae_kernels (candidates, decode_grad, by_latent), built on first call; None when disabled
-    (SAE_KERNELS=0) or the build fails, with a one-line warning naming the reason."""
-    if "ops" not in _state:
+    """torch.ops.sae_kernels (candidates, decode_grad, bags, by_latent, remove_parallel,
+    normalize_rows), built on first call; None when switched off (SAE_KERNELS=0) or when the build
+    fails, with a one-line warning naming the reason."""
+    with _lock:
+        if "ops" not in _state:
+            _state["ops"] = None
+            if os.environ.get("SAE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+                return None
+            try:
+                _state["ops"] = _build()
+            except Exception as e:  # no compiler, no ninja, unsupported platform: torch ops instead
+                warnings.warn(f"sae kernels: not built ({_reason(e)}); using torch ops (slower sparse step)",
+                              RuntimeWarning, stacklevel=2)  # fmt: skip
+        return _state["ops"]
+
+
+def agree_across_ranks(all_gather) -> bool:
+    """Data-parallel replicas must take the same path to stay bit-identical: the kernels only if every
+    rank has them, else the torch ops on all. all_gather(value) -> every rank's value."""
+    if all(all_gather(cpu_ops() is not None)):
+        return True
+    with _lock:
         _state["ops"] = None
-        if os.environ.get("SAE_KERNELS", "1") == "0":
-            return None
-        try:
-            _state["ops"] = _build()
-        except Exception as e:  # no compiler, no ninja, unsupported platform: torch ops instead
-            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            warnings.warn(f"sae kernels: not built ({reason[:200]}); using torch ops (slower sparse step)",
-                          RuntimeWarning, stacklevel=2)  # fmt: skip
-    return _state["ops"]
+    return False
 
 
 def ops_for(*tensors: torch.Tensor):

@@ -110,10 +110,24 @@ def test_bad_input_is_refused_by_name(ops):
     args = (torch.ones(2), torch.randn(8, 5), torch.zeros(5), torch.randn(4, 5), 1.0, torch.empty(4, 5))
     with pytest.raises(RuntimeError, match="latent index out of range"):
         ops.decode_grad(offsets, cols, *args, torch.empty(4, 5))
-    with pytest.raises(RuntimeError, match="t_offsets must span the pairs"):
+    with pytest.raises(RuntimeError, match="t_offsets must run from 0 to the number of pairs, 2"):
         ops.decode_grad(torch.tensor([0, 1, 1, 1, 1]), cols, *args, torch.empty(4, 5))
-    with pytest.raises(RuntimeError, match="t_offsets int64, cols int32"):
+    with pytest.raises(RuntimeError, match="t_offsets must not decrease"):
+        ops.decode_grad(torch.tensor([0, 3, 1, 2, 2]), cols, *args, torch.empty(4, 5))
+    with pytest.raises(RuntimeError, match="t_offsets must be a contiguous int64 CPU tensor"):
+        ops.decode_grad(torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 2])[::2], cols, *args, torch.empty(4, 5))
+    with pytest.raises(RuntimeError, match=r"cols must be a contiguous int32 CPU tensor \[2\]"):
         ops.decode_grad(offsets, cols.long(), *args, torch.empty(4, 5))
+    with pytest.raises(RuntimeError, match=r"b_dec \[d\]"):  # a [1] b_dec would be read past its end
+        ops.decode_grad(offsets, cols, args[0], args[1], torch.zeros(1), *args[3:], torch.empty(4, 5))
+    with pytest.raises(RuntimeError, match="offsets must not decrease"):
+        ops.bags(
+            torch.tensor([0, 5, 2], dtype=torch.int32),
+            cols,
+            torch.ones(2),
+            torch.randn(8, 5),
+            torch.empty(2, 5),
+        )
 
 
 def test_only_contiguous_fp32_cpu_tensors_use_the_kernels(ops):
@@ -182,3 +196,25 @@ def test_by_latent_is_a_stable_sort(ops):
     )
     with pytest.raises(RuntimeError, match="latent index out of range"):
         ops.by_latent(cols, 5, [rows])
+
+
+def test_candidates_stop_early_across_blocks(ops):
+    """1024 columns: 64-row blocks, so the scan is split and the max_count check crosses blocks."""
+    g = torch.Generator().manual_seed(10)
+    xW, lo = torch.randn(300, 1024, generator=g), torch.full((1024,), 2.0)
+    n = int((xW > lo).sum())
+    assert ops.candidates(xW, lo, None, n)[3] == n
+    rows, cols, values, found = ops.candidates(xW, lo, None, n - 1)
+    assert found == -1 and rows.numel() == cols.numel() == values.numel() == 0
+
+
+def test_loading_again_in_the_same_process_reuses_the_library(ops):
+    """A second TORCH_LIBRARY for the namespace would abort the process: _build returns the loaded one."""
+    assert kernels._build() is ops
+
+
+def test_ranks_agree_on_the_path(ops, monkeypatch):
+    monkeypatch.setitem(kernels._state, "ops", ops)
+    assert kernels.agree_across_ranks(lambda mine: [mine, mine]) and kernels.cpu_ops() is ops
+    assert not kernels.agree_across_ranks(lambda mine: [mine, False])  # one rank could not build
+    assert kernels.cpu_ops() is None

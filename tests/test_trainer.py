@@ -236,6 +236,44 @@ def test_unit_norm_decoder_step(cpu_path):
     assert (t.ae.W_dec - W0).norm(dim=1).min() > 1e-4  # every row moved
 
 
+def test_kernels_and_torch_ops_give_the_same_update(monkeypatch):
+    """One update (sparse step, unit-norm decoder, Adam) with the CPU kernels and with the torch ops
+    from the same state: equal up to summation order."""
+    from dictionary_learning import kernels
+
+    if DEVICE != "cpu" or kernels.cpu_ops() is None:
+        pytest.skip("the CPU kernels are not in use here")
+    params = {}
+    for path in ("kernels", "torch ops"):
+        if path == "torch ops":
+            monkeypatch.setitem(kernels._state, "ops", None)
+        t = JumpReluTrainer(
+            activation_dim=24, dict_size=80, lr=1e-2, warmup_steps=0, backward="sparse", seed=3
+        )
+        x = randomise(t, seed=4, quantile=0.9)
+        t.update(0, x)
+        params[path] = {n: p.detach().clone() for n, p in t.params.items()}
+    for n, p in params["kernels"].items():
+        torch.testing.assert_close(p, params["torch ops"][n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("active", [False, True])
+def test_nan_decoder_row_makes_the_loss_nan(active, cpu_path):
+    """A NaN W_dec row of a latent with a candidate pair reaches the loss on every path (0 · NaN is
+    NaN), so update refuses the step instead of applying NaN gradients."""
+    t = JumpReluTrainer(activation_dim=16, dict_size=32, device=DEVICE, backward="sparse", bandwidth=0.02)
+    x = randomise(t, quantile=0.9, window_frac=0.0)
+    with torch.no_grad():
+        pre = t.ae.pre_activations(x)
+        j = 5  # its largest pre-activation just above θ (active) or just below it (an inactive candidate)
+        t.ae.threshold[j] = pre[:, j].max() + (-0.25 if active else 0.25) * t.cfg.bandwidth
+        assert (pre[:, j] > t.ae.threshold[j]).any() == active
+        t.ae.W_dec[j] = float("nan")
+    assert math.isnan(float(t.compute_grads(x, 1.0)["loss"]))
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        t.update(0, x)
+
+
 def test_threshold_never_negative():
     # no sparsity pressure, big lr: the reconstruction term pushes θ down into the clamp
     t = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, sparsity_coeff=0.0, lr=0.05,
