@@ -9,6 +9,9 @@ the torch-op fallback. For each config (d, m, batch), fp32 on CPU, each measurem
 OMP_WAIT_POLICY=PASSIVE (timings with OpenMP's default spinning wait policy are reported as well):
   step_ms        median time of trainer.update (sparse backward once L0 is low)
   floor_ms       one dense [B, d] @ [d, m] GEMM, timed in the same process, interleaved with the steps
+  step_over_floor  step_ms / floor_ms (medians); step_over_floor_paired is the median over repetitions
+                 of step / floor timed back to back, which a change of machine load half-way through
+                 the run (the medians then come from different regimes) does not skew
   dense_ms       the same update with backward="dense" (grads.dense_grads: [B, m] GEMMs), same process
   peak_rss_mb    peak RSS during updates in a fresh process that only builds the trainer and trains
                  (set-up garbage is trimmed and VmHWM reset first); baseline_rss_mb is the RSS before
@@ -151,6 +154,7 @@ def worker_timing(d: int, m: int, B: int, reps: int) -> dict:
         **({"autograd_ms": round(other["autograd"], 3)} if "autograd" in other else {}),
         "tokens_per_s": round(B / step_ms * 1e3),
         "step_over_floor": round(step_ms / floor_ms, 3),
+        "step_over_floor_paired": round(statistics.median(s / f for s, f in zip(step_ts, floor_ts)), 3),
         "dense_over_step": round(dense_ms / step_ms, 3),
         "l0": round(stats["l0"], 2),
         "backward": backward,
@@ -336,7 +340,15 @@ def main():
         # small parallel op then waits for a descheduled thread, which inflates the many small ops of
         # the sparse step far more than the one big GEMM.
         default = run_worker("timing", d, m, B, args)
-        keys = ("step_ms", "floor_ms", "dense_ms", "step_over_floor", "dense_over_step", "l0")
+        keys = (
+            "step_ms",
+            "floor_ms",
+            "dense_ms",
+            "step_over_floor",
+            "step_over_floor_paired",
+            "dense_over_step",
+            "l0",
+        )
         res["default_omp_wait_policy"] = {k: default.get(k, default.get("error")) for k in keys}
         res.update(run_worker("rss", d, m, B, args))
         # glibc's dynamic mmap threshold keeps freed mid-size blocks on the heap; with a fixed
