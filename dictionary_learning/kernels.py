@@ -66,6 +66,7 @@ def _build():
     name = f"sae_kernels_{key[:12]}"
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     lib = root / name / f"{name}.so"
+    _state["build"] = f"{name} (-march={march})"
     try:  # built before: no need to import the builder (and setuptools)
         torch.ops.load_library(str(lib))
         return torch.ops.sae_kernels
@@ -113,6 +114,15 @@ def cpu_ops():
                 warnings.warn(f"sae kernels: not built ({_reason(e)}); using torch ops (slower sparse step)",
                               RuntimeWarning, stacklevel=2)  # fmt: skip
         return _state["ops"]
+
+
+def describe(device) -> str:
+    """For a run's config.json: which path a training step on `device` takes (the bits depend on it)."""
+    if torch.device(device).type != "cpu":
+        return "not used (not a CPU run)"
+    if cpu_ops() is None:
+        return "off: torch ops (SAE_KERNELS=0, or the build failed)"
+    return _state.get("build", "loaded")
 
 
 def agree_across_ranks(all_gather) -> bool:

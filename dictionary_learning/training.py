@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, kernels
 from .buffer import DataExhausted
 from .checkpoint import (
     DataExhaustedError,
@@ -208,6 +208,7 @@ def _run_config(trainer, run_meta: dict, norm_factor, schedule: dict) -> dict:
         "schedule": schedule,
         "run_meta": meta,
         "versions": package_versions(),
+        "cpu_kernels": kernels.describe(trainer.device),
         "git_commit": git_commit(),
     }
 

@@ -307,6 +307,7 @@ def test_sweep_of_three_writes_distinct_complete_folders_with_wandb_offline(tmp_
         assert cfg["trainer"]["dict_size"] == c.dict_size and cfg["trainer"]["lr"] == c.lr
         assert cfg["run_meta"]["buffer"] == META["buffer"] and cfg["schedule"]["steps"] == 24
         assert "torch" in cfg["versions"] and "transformers" in cfg["versions"]
+        assert cfg["cpu_kernels"].startswith(("sae_kernels_", "off: torch ops"))  # the path sets the bits
         saelens = json.loads((p / "cfg.json").read_text())
         assert saelens["d_sae"] == c.dict_size and saelens["metadata"]["hook_name"] == META["hook"]
         lines = [json.loads(x) for x in (p / "training_log.jsonl").read_text().splitlines()]
