@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from .grads import fve_from_moments
 from .trainer import JumpReluTrainer
 
 
@@ -76,8 +77,7 @@ class DataParallelTrainer(JumpReluTrainer):
         counts, sx, se, sxx = flat[head.numel() :].split([t.numel() for t in tail])
         counts, sx, se, sxx = counts.round().to(s["counts"].dtype), sx / N, se / N, sxx[0] / N
         fired = counts > 0
-        # the same formula as grads.frac_variance_explained, from sums pooled over all ranks
-        fve = 1 - (mse[0] - se.dot(se)) / (sxx - sx.dot(sx)).clamp_min(1e-30)
+        fve = fve_from_moments(mse[0], se, sxx, sx)  # moments pooled over all ranks
         self._global = {"rows": int(N), "fired": fired, "fve": float(fve)}
         return {**s, "loss": mse[0] + s["sparsity_loss"], "mse": mse[0], "l0": l0[0], "fired": fired,
                 "counts": counts}  # fmt: skip
