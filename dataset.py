@@ -470,7 +470,6 @@ def load_texts(spec: str, split: str = "train", seed: int = 0, validation_fracti
 
 def save_dataset(dd, out_dir: str | os.PathLike, meta: dict) -> Path:
     """save_to_disk + parquet/<split>.parquet + summary.json, written to a temp folder then renamed."""
-
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / "dataset_dict.json").exists():
         raise FileExistsError(

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .buffer import DataExhausted
-from .utils import read_json, write_dir_atomic  # noqa: F401  (re-exported)
+from .utils import read_json, write_dir_atomic
 
 log = logging.getLogger(__name__)
 

@@ -146,7 +146,7 @@ class TrainerConfig:
             try:
                 self.autocast = dtype_name(parse_dtype(self.autocast))
             except ValueError:
-                bad("autocast", "must be 'bfloat16' or None")
+                pass  # not a dtype name: refused just below
             if self.autocast != "bfloat16":
                 bad("autocast", "must be 'bfloat16' or None")
             if self.backward == "dense":
@@ -307,8 +307,8 @@ class JumpReluTrainer:
     def compute_grads(self, x: torch.Tensor, coeff: float, backward: str | None = None) -> dict:
         """Set .grad of every parameter for the loss on the normalised batch x [B, d]; return stats
         (tensors: loss, mse, sparsity_loss, l0, x_hat [B, d] (valid until the next call), mean_err
-        [d] = mean(x̂ − x), fired [m] bool, counts [m] int: rows each latent fired on). `backward` overrides cfg.backward (see grads.py):
-        'sparse', 'dense', 'autograd', or 'auto' = sparse while at most sparse_max_density of the
+        [d] = mean(x̂ − x), fired [m] bool, counts [m] int: rows each latent fired on). `backward`
+        overrides cfg.backward (see grads.py): 'sparse', 'dense', 'autograd', or 'auto' = sparse while at most sparse_max_density of the
         pairs are candidates, else dense (autograd for dtypes other than fp32 and under autocast)."""
         c, ae = self.cfg, self.ae
         kind = backward or c.backward

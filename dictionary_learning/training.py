@@ -394,7 +394,7 @@ def trainSAE(
                     save_checkpoint(r.dir / "checkpoints" / "latest", r.trainer, loop, ds)
 
         # SIGINT/SIGTERM: finish the step, save a checkpoint, exit 128+signum. A second signal acts at once.
-        stop, prev = {"sig": None}, {}
+        stop = {"sig": None}
 
         def on_signal(signum, frame):
             stop["sig"] = signum
@@ -405,7 +405,7 @@ def trainSAE(
             prev = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         snaps = set(log_spaced_steps(steps) if snapshot_steps is None else snapshot_steps)
         hist_every = hist_every or 10 * log_every
-        bar, t0, tokens0, step, exhausted = None, time.time(), tokens, start, None
+        t0, tokens0, step, exhausted = time.time(), tokens, start, None
         while step < steps:
             try:  # distributed: all ranks agree on stop / data exhausted; sweep mode: the global batch
                 got = ctx.next_batch(stream, stopping=stop["sig"] is not None)

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from dictionary_learning.buffer import DataExhausted
-from dictionary_learning.checkpoint import read_checkpoint, save_checkpoint, write_dir_atomic
+from dictionary_learning.checkpoint import read_checkpoint, save_checkpoint
 from dictionary_learning.dictionary import JumpReluAutoEncoder
 from dictionary_learning.trainer import JumpReluTrainer, TrainerConfig
 from dictionary_learning.training import (
@@ -32,7 +32,7 @@ from dictionary_learning.training import (
     sanitize,
     trainSAE,
 )
-from dictionary_learning.utils import FolderLockedError
+from dictionary_learning.utils import FolderLockedError, write_dir_atomic
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
