@@ -146,6 +146,15 @@ class BufferConfig:
     """Padding side when pack=False (either is handled exactly)."""
     exclude_first_k: int = 0
     """Also drop the first k real positions of every context (attention sinks)."""
+    prepend_bos: bool | None = None
+    """Start every packed window with BOS (tokens.py); None: when the tokenizer adds BOS itself
+    (Gemma: yes, SmolLM2: no). BOS is never yielded."""
+    max_norm_multiple: float | None = 10.0
+    """Drop tokens whose activation norm exceeds this multiple of the median norm, like special
+    tokens ("massive activations", Sun et al. 2024, arXiv 2402.17762: a few tokens past position 0
+    with norms 10-150x the median that would set the norm factor and the loss). The median is
+    estimated per hook on the first refill; a token is dropped when it is massive at any hook.
+    None keeps every token."""
     dtype: str = "float32"
     """Storage / yield dtype (float32, bfloat16, float16)."""
     device: str = "cpu"
@@ -156,6 +165,21 @@ class BufferConfig:
     """Seed of the buffer's own shuffling generator."""
     return_index: bool = False
     """Yield (x, index) with index [B, 2] = (context number, position in context) per vector."""
+
+
+def massive_record(multiple: float | None, max_norm: dict, dropped: int, total: int) -> dict:
+    """How massive-activation tokens were handled: the rule, the threshold per hook in raw units,
+    and how many of the real tokens seen it dropped (config.json, cache manifest, eval_results)."""
+    return {
+        "rule": "drop tokens with activation norm > max_norm_multiple x median norm (per hook)"
+        if multiple is not None
+        else "none: every token kept",
+        "max_norm_multiple": multiple,
+        "max_norm": max_norm,
+        "dropped": dropped,
+        "of_tokens": total,
+        "share_dropped": dropped / total if total else 0.0,
+    }
 
 
 def seeded_generator(*parts: int) -> torch.Generator:
@@ -202,6 +226,8 @@ class ActivationBuffer:
             raise ValueError(f"padding_side must be 'left' or 'right', got {cfg.padding_side!r}")
         if cfg.epochs is not None and cfg.epochs < 1:
             raise ValueError(f"epochs must be >= 1 or None, got {cfg.epochs}")
+        if cfg.max_norm_multiple is not None and not cfg.max_norm_multiple > 1:
+            raise ValueError(f"max_norm_multiple must be > 1 or None, got {cfg.max_norm_multiple}")
         self.dtype = parse_dtype(cfg.dtype)
         self.model, self.site = model, site
         self.multi = isinstance(layer, (list, tuple))
@@ -210,6 +236,9 @@ class ActivationBuffer:
         self.hooks = [name for name, _ in self.points]
         self.d_submodule = int(model.config.hidden_size)
         self.stream = TokenStream(TextSource(data), model.tokenizer, cfg)
+        cfg.prepend_bos = self.stream.bos is not None  # recorded as resolved
+        self.max_norm: list[float] | None = None  # per hook: multiple x median norm (first refill)
+        self.massive_dropped, self._kept = 0, 0  # tokens dropped as massive / kept, so far
         self.tokens_yielded, self.batches_yielded = 0, 0
         self._round, self._pos, self._pool, self._B, self._perm = -1, 0, None, None, None
         self._snaps = [None, None]  # stream position before refill r-1 and before refill r
@@ -229,8 +258,15 @@ class ActivationBuffer:
         return {
             "tokens_yielded": self.tokens_yielded,
             "batches_yielded": self.batches_yielded,
+            "massive_dropped": self.massive_dropped,
             **{k: v for k, v in self.stream.st.items() if k not in ("text", "offset")},
         }
+
+    @property
+    def massive(self) -> dict:
+        """The massive-token rule as applied so far (for config.json and cache manifests)."""
+        return massive_record(self.cfg.max_norm_multiple, dict(zip(self.hooks, self.max_norm or [])),
+                              self.massive_dropped, self.massive_dropped + self._kept)  # fmt: skip
 
     @property
     def config(self) -> dict:
@@ -242,6 +278,7 @@ class ActivationBuffer:
             "site": self.site,
             "hook": self.hooks if self.multi else self.hooks[0],
             "d": self.d_submodule,
+            "massive_tokens": self.massive,
         }
 
     # -- harvesting
@@ -288,7 +325,27 @@ class ActivationBuffer:
         out = [o[:n] for o in out]
         if cfg.return_index:
             out.append(torch.cat(index).to(cfg.device) if index else torch.empty(0, 2, dtype=torch.long))
-        return out
+        return self._drop_massive(out)
+
+    def _drop_massive(self, out: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Drop the rows whose norm at any hook exceeds max_norm (set from this refill's median the
+        first time); out = [per hook [n, d]] (+ index [n, 2])."""
+        if self.cfg.max_norm_multiple is None or not len(out[0]):
+            self._kept += len(out[0])
+            return out
+        norms = [torch.linalg.vector_norm(x.float(), dim=1) for x in out[: len(self.points)]]
+        if self.max_norm is None:
+            self.max_norm = [self.cfg.max_norm_multiple * float(n.median()) for n in norms]
+        massive = torch.zeros_like(norms[0], dtype=torch.bool)
+        for n, limit in zip(norms, self.max_norm):
+            massive |= n > limit
+        n_massive = int(massive.sum())
+        self.massive_dropped += n_massive
+        self._kept += len(massive) - n_massive
+        if not n_massive:
+            return out
+        keep = (~massive).nonzero().squeeze(1)
+        return [t.index_select(0, keep) for t in out]
 
     def _next_round(self) -> bool:
         """Harvest refill r+1 and build the pool B_r + A_{r+1}; False when nothing is left.
@@ -355,6 +412,8 @@ class ActivationBuffer:
         "pack",
         "padding_side",
         "exclude_first_k",
+        "prepend_bos",
+        "max_norm_multiple",
         "seed",
     )
 
@@ -369,6 +428,8 @@ class ActivationBuffer:
             "tokens_yielded": self.tokens_yielded,
             "batches_yielded": self.batches_yielded,
             "stream": self.stream.state(),
+            "max_norm": self.max_norm,
+            "massive_counts": [self.massive_dropped, self._kept],
             **{k: getattr(self.cfg, k) for k in self._STATE_KEYS},
         }
 
@@ -379,6 +440,7 @@ class ActivationBuffer:
             if state.get(k) != mine:
                 raise ValueError(f"buffer state: {k}={state.get(k)!r} does not match this buffer's {mine!r}")
         self.tokens_yielded, self.batches_yielded = state["tokens_yielded"], state["batches_yielded"]
+        self.max_norm = state.get("max_norm")  # the saved rule, not one re-estimated on a later refill
         r, (snap_prev, snap_cur) = state["round"], state["snaps"]
         self._round, self._pos, self._pool, self._B, self._snaps = -1, 0, None, None, [None, None]
         if r < 0:
@@ -397,6 +459,7 @@ class ActivationBuffer:
             self._round = r - 1
         self._next_round()
         self._pos = state["pos"]
+        self.massive_dropped, self._kept = state.get("massive_counts", [0, 0])  # re-harvests counted again
         if self.stream.state() != state["stream"]:
             raise ValueError(
                 "buffer state: re-harvest did not reach the saved stream position (data changed?)"

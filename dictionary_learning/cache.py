@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .buffer import DataExhausted, seeded_generator
+from .buffer import DataExhausted, massive_record, seeded_generator
 from .utils import atomic_path, dtype_name, package_versions, parse_dtype, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ def write_cache(
         "mean_squared_norm": sq_sum / written,
         "exhausted": bool(exhausted),
         "counters": getattr(source, "counters", None),
+        "massive_tokens": getattr(source, "massive", None) or massive_record(None, {}, 0, written),
         "shard_key": SHARD_KEY,
         "shards": shards,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -175,6 +176,7 @@ class ActivationCache:
         verify: bool = True,
         revision: str | None = None,
         token: str | None = None,
+        max_norm_multiple: float | None = 10.0,
     ):
         if batch_size < 1 or shards_per_group < 1 or (epochs is not None and epochs < 1):
             raise ValueError("batch_size and shards_per_group must be >= 1, epochs >= 1 or None")
@@ -199,6 +201,32 @@ class ActivationCache:
         self.tokens_yielded, self.batches_yielded = 0, 0
         self._epoch, self._group, self._pos, self._rows = 0, 0, 0, None
         self._verified: set[int] = set()
+        done = (m.get("massive_tokens") or {}).get("max_norm_multiple")
+        # Rows are filtered as they are read only where the harvest applied no rule as strict (a cache
+        # from another tool or an older version); the threshold then comes from shard 0's median norm.
+        self.read_multiple = None if max_norm_multiple is None or (done is not None and done <= max_norm_multiple) \
+            else max_norm_multiple  # fmt: skip
+        self._max_norm = None
+        self.massive_dropped = 0  # rows dropped when read
+
+    @property
+    def max_norm(self) -> float | None:
+        """The norm above which rows are dropped when read (None: none are)."""
+        if self.read_multiple is not None and self._max_norm is None:
+            median = float(torch.linalg.vector_norm(self.load_shard(0).float(), dim=1).median())
+            self._max_norm = self.read_multiple * median
+            log.info("activation cache %s: rows with norm > %.4g (%g x the median of shard 0) are dropped "
+                     "as they are read", self.dir, self._max_norm, self.read_multiple)  # fmt: skip
+        return self._max_norm
+
+    @property
+    def massive(self) -> dict:
+        """The massive-token rule of this cache: as harvested (manifest), or as applied when read."""
+        if self.read_multiple is None:
+            return self.manifest.get("massive_tokens") or massive_record(None, {}, 0, self.n_tokens)
+        record = massive_record(self.read_multiple, {self.manifest.get("hook"): self.max_norm},
+                                self.massive_dropped, self.n_tokens)  # fmt: skip
+        return {**record, "applied": "when read (median of shard 0)"}
 
     @property
     def n_groups(self) -> int:
@@ -230,6 +258,10 @@ class ActivationCache:
         ).tolist()
         ids = order[g * self.shards_per_group : (g + 1) * self.shards_per_group]
         rows = torch.cat([self.load_shard(i) for i in ids])
+        if self.max_norm is not None:
+            keep = torch.linalg.vector_norm(rows.float(), dim=1) <= self.max_norm
+            self.massive_dropped += int((~keep).sum()) if e == 0 else 0
+            rows = rows[keep]
         perm = torch.randperm(len(rows), generator=seeded_generator(self.seed, e, g))
         rows = rows[perm]
         self._rows = rows.to(self.device, self.dtype) if self.dtype else rows.to(self.device)

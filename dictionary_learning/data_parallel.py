@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from .grads import fve_from_moments
+from .metrics import fve
 from .trainer import JumpReluTrainer
 
 
@@ -77,8 +77,9 @@ class DataParallelTrainer(JumpReluTrainer):
         counts, sx, se, sxx = flat[head.numel() :].split([t.numel() for t in tail])
         counts, sx, se, sxx = counts.round().to(s["counts"].dtype), sx / N, se / N, sxx[0] / N
         fired = counts > 0
-        fve = fve_from_moments(mse[0], se, sxx, sx)  # moments pooled over all ranks
-        self._global = {"rows": int(N), "fired": fired, "fve": float(fve)}
+        moments = (mse[0], sxx, sx, 1)  # pooled over all ranks
+        self._global = {"rows": int(N), "fired": fired, "fve": float(fve(*moments)),
+                        "fve_centred": float(fve(*moments, se))}  # fmt: skip
         return {**s, "loss": mse[0] + s["sparsity_loss"], "mse": mse[0], "l0": l0[0], "fired": fired,
                 "counts": counts}  # fmt: skip
 
@@ -90,5 +91,6 @@ class DataParallelTrainer(JumpReluTrainer):
             self.tokens_since_fired.add_(extra).masked_fill_(g["fired"], 0)
             self.tokens_seen += extra
             self.fire_tokens += extra  # fire_counts already holds the global batch's
-            dead = (self.tokens_since_fired >= self.cfg.dead_feature_threshold).float().mean()
-        return {**out, "frac_variance_explained": g["fve"], "dead_latents": float(dead)}
+            dead = self.dead_fraction(g["rows"])
+        return {**out, "frac_variance_explained": g["fve"], "frac_variance_explained_centred": g["fve_centred"],
+                "dead_latents": float(dead)}  # fmt: skip

@@ -190,21 +190,6 @@ def row_dot(a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 1 << 18) -> tor
     return out
 
 
-def frac_variance_explained(x: torch.Tensor, mean_err: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
-    """1 − Σ_d Var(x − x̂) / Σ_d Var(x), pooled over the batch, from mse = E‖x − x̂‖² and
-    mean_err = E(x̂ − x) [d]. x [B, d] -> scalar."""
-    x = x.float()
-    return fve_from_moments(mse, mean_err, x.reshape(-1).dot(x.reshape(-1)) / x.shape[0], x.mean(0))
-
-
-def fve_from_moments(mse, mean_err, sq_x, mean_x) -> torch.Tensor:
-    """frac_variance_explained from batch moments: mse = E‖x − x̂‖², mean_err = E(x̂ − x) [d],
-    sq_x = E‖x‖², mean_x = E x [d], using Σ_d Var(v) = E‖v‖² − ‖E v‖² (data_parallel pools them)."""
-    var_err = mse - mean_err.dot(mean_err)
-    var_x = sq_x - mean_x.dot(mean_x)
-    return 1 - var_err / var_x.clamp_min(1e-30)
-
-
 # ---------------------------------------------------------------------------- the three ways
 
 

@@ -5,8 +5,11 @@ and given ONE separator, then all texts are concatenated and cut into full ctx_l
   - tokenizers that add BOS themselves (Gemma, Llama-3):  [BOS] + text
   - tokenizers that add no BOS (SmolLM2, GPT-2, Pythia):  text + [EOS]
 A text longer than a window continues in the next one; no compute is spent on padding
-(only the very last window of the data is right-padded). Windows do not start with BOS,
-so the first position of a window is often an attention sink: see `exclude_first_k`.
+(only the very last window of the data is right-padded).
+With prepend_bos (default: when the tokenizer adds BOS itself, as Gemma's does) every window
+starts with BOS followed by the next ctx_len − 1 tokens of that stream, as SAELens and Gemma Scope
+build contexts: Gemma is trained with BOS first and degrades badly without it. Without it, the
+first position of a window is often an attention sink: see `exclude_first_k`.
 BOS, EOS and PAD positions (by token id) are never yielded (keep_mask False).
 
 Padding (pack=False): one row per text, truncated to ctx_len and padded on either side.
@@ -47,6 +50,33 @@ def _check_text(text, index) -> str:
     return text
 
 
+def resolve_prepend_bos(tokenizer, prepend_bos: bool | None) -> int | None:
+    """The BOS id every packed window starts with, or None. prepend_bos None: when the tokenizer adds
+    BOS itself (Gemma: yes; SmolLM2: no). True on a tokenizer without BOS is an error."""
+    if prepend_bos is None:
+        prepend_bos = adds_bos(tokenizer)
+    if not prepend_bos:
+        return None
+    if tokenizer.bos_token_id is None:
+        raise ValueError(f"prepend_bos: tokenizer {type(tokenizer).__name__} has no BOS token")
+    return tokenizer.bos_token_id
+
+
+def pack_row(take, ctx_len: int, bos: int | None) -> list[int]:
+    """One packed window from take(n) -> up to n next tokens of the stream ([] at its end): BOS first
+    when `bos` is given (a separator BOS right after it is skipped, so a window never starts BOS BOS),
+    then stream tokens up to ctx_len. [] when the stream has ended."""
+    row = [] if bos is None else [bos]
+    while len(row) < ctx_len:
+        part = take(ctx_len - len(row))
+        if not part:
+            break
+        if len(row) == 1 and bos is not None and part[0] == bos:
+            part = part[1:]
+        row += part
+    return row if len(row) > (bos is not None) else []
+
+
 def separated_ids(tokenizer, text: str, bos_first: bool | None = None) -> list[int]:
     """Token ids of one text with its packing separator (see the module docstring); [] if empty."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -77,28 +107,44 @@ def keep_mask_for(input_ids: torch.Tensor, tokenizer, attention_mask=None, exclu
     return keep
 
 
-def pack_texts(texts, tokenizer, ctx_len: int, exclude_first_k: int = 0, drop_last: bool = False):
+def pack_texts(texts, tokenizer, ctx_len: int, exclude_first_k: int = 0, drop_last: bool = False,
+               prepend_bos: bool | None = None):  # fmt: skip
     """Pack texts into windows -> (input_ids LongTensor [N, ctx_len], keep_mask BoolTensor [N, ctx_len]).
 
     Texts are separated by BOS/EOS (module docstring) and concatenated; a text longer than a
-    window continues in the next one. Empty texts are skipped. The last partial window is
-    right-padded with PAD (masked out of keep_mask; under causal attention right padding does
-    not change earlier positions) or dropped with drop_last=True.
+    window continues in the next one; with prepend_bos each window starts with BOS. Empty texts are
+    skipped. The last partial window is right-padded with PAD (masked out of keep_mask; under causal
+    attention right padding does not change earlier positions) or dropped with drop_last=True.
+    The same windows as a TokenStream over the same texts (one `pack_row`).
     """
     if ctx_len < 1:
         raise ValueError(f"ctx_len must be >= 1, got {ctx_len}")
-    bos_first = adds_bos(tokenizer)
+    bos_first, bos = adds_bos(tokenizer), resolve_prepend_bos(tokenizer, prepend_bos)
     flat: list[int] = []
     for i, text in enumerate(texts):
         flat.extend(separated_ids(tokenizer, _check_text(text, i), bos_first))
-    n_full, rest = divmod(len(flat), ctx_len)
-    if rest and not drop_last:
-        flat.extend([_pad_id(tokenizer)] * (ctx_len - rest))
-        n_full += 1
-    ids = torch.tensor(flat[: n_full * ctx_len], dtype=torch.long).view(n_full, ctx_len)
+    pos = 0
+
+    def take(n):
+        nonlocal pos
+        pos += n
+        return flat[pos - n : pos]
+
+    rows = []
+    while row := pack_row(take, ctx_len, bos):
+        rows.append(row)
+    if rows and len(rows[-1]) < ctx_len and drop_last:
+        rows.pop()
+    return _packed(rows, tokenizer, ctx_len, exclude_first_k)
+
+
+def _packed(rows: list[list[int]], tokenizer, ctx_len: int, exclude_first_k: int):
+    """Packed rows (the last may be short) -> (input_ids [N, ctx_len] right-padded with PAD, keep [N, ctx_len])."""
+    ids = torch.full((len(rows), ctx_len), _pad_id(tokenizer), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     keep = keep_mask_for(ids, tokenizer, exclude_first_k=exclude_first_k)
-    if rest and not drop_last:
-        keep[-1, rest:] = False  # the padding tail, even if PAD is not a special id
+    keep &= torch.arange(ctx_len) < torch.tensor([len(r) for r in rows], dtype=torch.long)[:, None]
     return ids, keep
 
 
@@ -207,11 +253,13 @@ class TokenStream:
     """Turns texts into model-input batches (packed windows or padded texts), tracking a
     position that can be saved and restored exactly: (epoch, text index, token offset).
 
-    cfg: the fields ctx_len, pack, padding_side, exclude_first_k, epochs of a buffer.BufferConfig."""
+    cfg: the fields ctx_len, pack, padding_side, exclude_first_k, epochs, prepend_bos of a
+    buffer.BufferConfig."""
 
     def __init__(self, source: TextSource, tokenizer, cfg):
         self.source, self.tok, self.cfg = source, tokenizer, cfg
         self.bos_first = adds_bos(tokenizer)
+        self.bos = resolve_prepend_bos(tokenizer, cfg.prepend_bos) if cfg.pack else None
         self.restore(
             dict(
                 epoch=0,
@@ -289,12 +337,7 @@ class TokenStream:
         or None when the data has ended."""
         cfg, rows = self.cfg, []
         while len(rows) < n and not self.ended:
-            if cfg.pack:
-                row = []
-                while len(row) < cfg.ctx_len and not self.ended:
-                    row += self._take(cfg.ctx_len - len(row))
-            else:
-                row = self._take(cfg.ctx_len)
+            row = pack_row(self._take, cfg.ctx_len, self.bos) if cfg.pack else self._take(cfg.ctx_len)
             if row:
                 rows.append(row)
         if not rows:
@@ -304,10 +347,5 @@ class TokenStream:
         if not cfg.pack:
             ids, mask, keep = _collate(rows, self.tok, cfg.padding_side, cfg.exclude_first_k)
             return ids, mask, keep, position_ids(mask), first
-        real = torch.tensor([len(r) for r in rows])
-        ids = torch.full((len(rows), cfg.ctx_len), _pad_id(self.tok), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        keep = keep_mask_for(ids, self.tok, exclude_first_k=cfg.exclude_first_k)
-        keep &= torch.arange(cfg.ctx_len) < real[:, None]  # right-padded tail of the last window
+        ids, keep = _packed(rows, self.tok, cfg.ctx_len, cfg.exclude_first_k)
         return ids, None, keep, torch.arange(cfg.ctx_len).expand_as(ids), first

@@ -26,12 +26,12 @@ from .grads import (
     autograd_grads,
     dense_grads,
     exact_near_threshold,
-    frac_variance_explained,
     make_adam,
     optimizer_step,
     sparse_grads,
 )
 from .jumprelu import SPARSITY_MODES, sparsity_loss
+from .metrics import fve
 from .utils import default_device, dtype_name, parse_dtype
 
 BACKWARDS = ("auto", "sparse", "dense", "autograd")
@@ -95,8 +95,10 @@ class TrainerConfig:
     """x is divided by this inside update (sqrt(E‖x‖²)); None: no scaling until set_norm_factor."""
     unit_norm_decoder: bool = True
     """Keep W_dec rows unit norm (parallel gradient removed, rows renormalised after each step)."""
-    dead_feature_threshold: int = 10_000_000
-    """A latent is dead after this many tokens without firing."""
+    dead_feature_threshold: int | None = None
+    """A latent counts as dead (the log's `dead`) after this many tokens without firing; None: a tenth
+    of the run's tokens (steps x the first batch's rows), at most 10M, so it means something in a
+    short run as in a long one."""
     backward: str = "auto"
     """'sparse' (active pairs only), 'dense' ([B, m] GEMMs), 'autograd' (reference), or 'auto'."""
     sparse_max_density: float | None = None
@@ -115,6 +117,8 @@ class TrainerConfig:
                 bad(n, "must be an integer >= 1")
         for n in ("warmup_steps", "sparsity_warmup_steps", "dead_feature_threshold", "seed"):
             v = getattr(self, n)
+            if n == "dead_feature_threshold" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 bad(n, "must be an integer >= 0")
         for n in ("lr", "bandwidth", "adam_eps"):
@@ -228,6 +232,7 @@ class JumpReluTrainer:
         # Firing counts since firing_density() last read them (a diagnostic window; not resumed).
         self.fire_counts = torch.zeros(c.dict_size, dtype=torch.int64, device=self.device)
         self.fire_tokens = 0
+        self.dead_window: int | None = c.dead_feature_threshold  # resolved at the first update if None
         self.last_backward = None  # "sparse", "dense" or "autograd", for logs and tests
         self._pre_buf = None  # [B, m] buffer for x @ W_enc
         self._scratch = None  # second [B, m] buffer of the dense path
@@ -376,7 +381,8 @@ class JumpReluTrainer:
 
     def update(self, step: int, x: torch.Tensor) -> dict:
         """One optimiser step on raw activations x [B, d] (divided by norm_factor here). Returns floats:
-        loss, mse, sparsity_loss, l0, frac_variance_explained, lr, sparsity_coeff, dead_latents."""
+        loss, mse, sparsity_loss, l0, frac_variance_explained (standard definition, metrics.py),
+        frac_variance_explained_centred, lr, sparsity_coeff, dead_latents."""
         c = self.cfg
         x = self._prepare(step, x)
         lr = c.lr * self.lr_factor(step)
@@ -396,18 +402,27 @@ class JumpReluTrainer:
             self.fire_tokens += n
             self.tokens_seen += n
             self.step = step + 1
-            fve = frac_variance_explained(x, s["mean_err"], s["mse"])
-            dead = (self.tokens_since_fired >= c.dead_feature_threshold).float().mean()
+            xf = x.float()
+            moments = (s["mse"], xf.reshape(-1).dot(xf.reshape(-1)) / n, xf.mean(0), 1)
+            fves = fve(*moments), fve(*moments, s["mean_err"])
+            dead = self.dead_fraction(n)
         return {
             "loss": loss,
             "mse": float(s["mse"]),
             "sparsity_loss": float(s["sparsity_loss"]),
             "l0": float(s["l0"]),
-            "frac_variance_explained": float(fve),
+            "frac_variance_explained": float(fves[0]),
+            "frac_variance_explained_centred": float(fves[1]),
             "lr": lr,
             "sparsity_coeff": coeff,
             "dead_latents": float(dead),
         }
+
+    def dead_fraction(self, batch_rows: int) -> torch.Tensor:
+        """Fraction of latents silent for the last dead_window tokens (resolved from the first batch)."""
+        if self.dead_window is None:
+            self.dead_window = max(1, min(10_000_000, self.cfg.steps * batch_rows // 10))
+        return (self.tokens_since_fired >= self.dead_window).float().mean()
 
     def firing_density(self) -> torch.Tensor:
         """Fraction of the tokens trained on since the last call on which each latent fired, [m] float

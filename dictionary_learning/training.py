@@ -57,8 +57,10 @@ log = logging.getLogger(__name__)
 LOG_FILE = "training_log.jsonl"
 STATUS_FILE = "status.json"
 FAILED_FILE = "FAILED.json"
-AVERAGED = ("loss", "mse", "sparsity_loss", "l0", "frac_variance_explained")  # window means in the log
-LOG_KEYS = {"frac_variance_explained": "fve", "dead_latents": "dead"}  # update() key -> log key
+# window means in the log
+AVERAGED = ("loss", "mse", "sparsity_loss", "l0", "frac_variance_explained", "frac_variance_explained_centred")
+LOG_KEYS = {"frac_variance_explained": "fve", "frac_variance_explained_centred": "fve_centred",
+            "dead_latents": "dead"}  # update() key -> log key  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- run folders

@@ -174,8 +174,10 @@ def expected_stream(tok, texts, bos_first):
 
 @pytest.mark.parametrize("bos", [False, True])
 def test_pack_texts(bos, tok, bos_tok):
+    """Without BOS-first windows: the separated stream cut into windows (for a BOS tokenizer only when
+    asked with prepend_bos=False)."""
     t = bos_tok if bos else tok
-    ids, keep = pack_texts(TEXTS, t, 16)
+    ids, keep = pack_texts(TEXTS, t, 16, prepend_bos=False)
     flat = expected_stream(t, TEXTS, bos)
     assert ids.shape == (-(-len(flat) // 16), 16)
     assert ids.flatten()[: len(flat)].tolist() == flat
@@ -184,11 +186,40 @@ def test_pack_texts(bos, tok, bos_tok):
     assert (ids == sep).sum() == sum(1 for x in TEXTS if x)  # one separator per non-empty text
     special = torch.isin(ids, torch.tensor([t.bos_token_id, t.eos_token_id, t.pad_token_id]))
     assert torch.equal(keep, ~special)
-    ids2, keep2 = pack_texts(TEXTS, t, 16, drop_last=True, exclude_first_k=2)
+    ids2, keep2 = pack_texts(TEXTS, t, 16, drop_last=True, exclude_first_k=2, prepend_bos=False)
     assert ids2.shape[0] == len(flat) // 16 and torch.equal(ids2, ids[: ids2.shape[0]])
     assert not keep2[:, :2].any() and torch.equal(keep2[:, 2:], keep[: ids2.shape[0], 2:])
     with pytest.raises(ValueError, match="record 1: `text` is int"):
         pack_texts(["ok", 5], t, 16)
+
+
+def test_pack_texts_starts_every_window_with_bos_where_the_tokenizer_adds_it(tok, bos_tok):
+    """Gemma-style tokenizers: every window is BOS + the next 15 tokens of the BOS-separated stream
+    (a separator BOS right at a window start is not doubled); BOS is never kept."""
+    flat = expected_stream(bos_tok, TEXTS, True)
+    want, i = [], 0
+    while i < len(flat):
+        if flat[i] == bos_tok.bos_token_id:
+            i += 1  # the window's own BOS stands in for it
+        want.append([bos_tok.bos_token_id, *flat[i : i + 15]])
+        i += 15
+    ids, keep = pack_texts(TEXTS, bos_tok, 16)  # prepend_bos=None: the tokenizer adds BOS, so yes
+    assert ids.shape == (len(want), 16)
+    assert (ids[:, 0] == bos_tok.bos_token_id).all() and not keep[:, 0].any()
+    for row, w in zip(ids.tolist(), want):
+        assert row[: len(w)] == w
+    assert not keep[ids == bos_tok.bos_token_id].any()
+    assert not pack_texts(TEXTS, tok, 16)[0][:, 0].eq(tok.bos_token_id).all()  # SmolLM2: no BOS first
+    with pytest.raises(ValueError, match="no BOS"):
+        pack_texts(TEXTS, _no_bos(tok), 16, prepend_bos=True)
+
+
+def _no_bos(tok):
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.bos_token = None
+    return t
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

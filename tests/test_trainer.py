@@ -509,6 +509,7 @@ def test_update_returns_floats():
         "sparsity_loss",
         "l0",
         "frac_variance_explained",
+        "frac_variance_explained_centred",
         "lr",
         "sparsity_coeff",
         "dead_latents",
@@ -520,10 +521,13 @@ def test_frac_variance_explained_definition():
     t = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE)
     x = randomise(t, quantile=0.5)
     x_hat = t.ae(x).detach()  # the stats describe the weights before the step
-    fve = 1 - (x - x_hat).var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum()
+    centred = 1 - (x - x_hat).var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum()
+    standard = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()  # SAELens / SAEBench
     mse = (x - x_hat).pow(2).sum(1).mean()
     out = t.update(0, x)
-    assert out["frac_variance_explained"] == pytest.approx(float(fve), rel=1e-4, abs=1e-6)
+    assert out["frac_variance_explained"] == pytest.approx(float(standard), rel=1e-4, abs=1e-6)
+    assert out["frac_variance_explained_centred"] == pytest.approx(float(centred), rel=1e-4, abs=1e-6)
+    assert out["frac_variance_explained_centred"] >= out["frac_variance_explained"]
     assert out["mse"] == pytest.approx(float(mse), rel=1e-5)
 
 
