@@ -252,9 +252,13 @@ def evaluate_many(
     for i, sae in enumerate(saes):
         if sae.activation_dim != len(mean_act):
             which = f" #{i}" if len(saes) > 1 else ""
-            raise ValueError(f"SAE{which} activation_dim {sae.activation_dim} != width {len(mean_act)} of {hook}")
+            raise ValueError(
+                f"SAE{which} activation_dim {sae.activation_dim} != width {len(mean_act)} of {hook}"
+            )
     scored = bar(_batches(ids, keep, batch_size, model.device), f"x{len(saes)} SAE(s)")
-    acc = _score(saes, model, envoy, site, scored, batch_size, len(ids), mean_act.to(device), max_norm, device)
+    acc = _score(
+        saes, model, envoy, site, scored, batch_size, len(ids), mean_act.to(device), max_norm, device
+    )
 
     weights = resample_weights(len(ids), bootstrap_resamples)
     loss, full = acc["loss"], acc["all_loss"]
@@ -292,16 +296,29 @@ def evaluate_many(
             "dict_size": sae.dict_size,
             "massive_tokens": massive,
             "all_tokens": {
-                **{k: every[k] for k in ("n_tokens", "l0", "frac_variance_explained",
-                                         "frac_variance_explained_centred", "mse")},  # fmt: skip
+                **{
+                    k: every[k]
+                    for k in (
+                        "n_tokens",
+                        "l0",
+                        "frac_variance_explained",
+                        "frac_variance_explained_centred",
+                        "mse",
+                    )
+                },  # fmt: skip
                 "loss_original": _ratio(full["clean"], full["n"]),
                 "loss_reconstructed": _ratio(full[i], full["n"]),
                 "delta_loss": _ratio(full[i] - full["clean"], full["n"]),
                 "n_loss_tokens": int(full["n"]),
             },
             "mean_ablation": {"source": ref_source, "n_tokens": int(ref_keep.sum())},
-            "bootstrap": {"unit": "context window", "n_units": len(ids), "resamples": bootstrap_resamples,
-                          "level": 0.95, "method": "percentile"},  # fmt: skip
+            "bootstrap": {
+                "unit": "context window",
+                "n_units": len(ids),
+                "resamples": bootstrap_resamples,
+                "level": 0.95,
+                "method": "percentile",
+            },  # fmt: skip
         }
         out = _nan_to_none(out)
         results.append((out, acc["kept"][i].fire_counts.cpu()) if return_counts else out)
@@ -343,7 +360,9 @@ def _score(saes, model, envoy, site, batches, batch_size, n_windows, mean_act, m
     n_real = n_massive = 0
     for b, (ids, real) in enumerate(batches):
         act, logits = traced_forward(model, envoy, site, ids)
-        massive = real & (torch.linalg.vector_norm(act.float(), dim=-1) > max_norm) if max_norm else real & False
+        massive = (
+            real & (torch.linalg.vector_norm(act.float(), dim=-1) > max_norm) if max_norm else real & False
+        )
         kp = real & ~massive
         n_real, n_massive = n_real + int(real.sum()), n_massive + int(massive.sum())
         logp_clean, targets, rows = next_token_logprobs(logits, ids, kp)

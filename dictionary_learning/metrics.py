@@ -116,7 +116,9 @@ class ReconstructionStats:
 
     def merge(self, other: ReconstructionStats) -> ReconstructionStats:
         """Add another one's sums (its units pooled into unit 0 of a one-unit copy of both)."""
-        out = ReconstructionStats(self.win["sum_x"].shape[1], len(self.fire_counts), 1, self.fire_counts.device)
+        out = ReconstructionStats(
+            self.win["sum_x"].shape[1], len(self.fire_counts), 1, self.fire_counts.device
+        )
         for k in out.win:
             out.win[k] = self.win[k].sum(0, keepdim=True) + other.win[k].sum(0, keepdim=True)
         for k in ("cos", "l2_ratio", "xhat_sq", "dot", "l0", "fire_counts"):
@@ -132,7 +134,9 @@ class ReconstructionStats:
             raise ValueError("no real tokens were evaluated (all positions are special tokens?)")
         out, alive = {}, self.fire_counts > 0
         for key, centred in (("frac_variance_explained", False), ("frac_variance_explained_centred", True)):
-            stat = lambda s, c=centred: fve(s["sq_err"], s["sq_x"], s["sum_x"], s["n"], s["sum_err"] if c else None)
+            stat = lambda s, c=centred: fve(
+                s["sq_err"], s["sq_x"], s["sum_x"], s["n"], s["sum_err"] if c else None
+            )
             out[key], ci = bootstrap(stat, self.win, weights)
             if ci is not None:
                 out[key + "_ci"] = ci

@@ -58,7 +58,14 @@ LOG_FILE = "training_log.jsonl"
 STATUS_FILE = "status.json"
 FAILED_FILE = "FAILED.json"
 # window means in the log
-AVERAGED = ("loss", "mse", "sparsity_loss", "l0", "frac_variance_explained", "frac_variance_explained_centred")
+AVERAGED = (
+    "loss",
+    "mse",
+    "sparsity_loss",
+    "l0",
+    "frac_variance_explained",
+    "frac_variance_explained_centred",
+)
 LOG_KEYS = {"frac_variance_explained": "fve", "frac_variance_explained_centred": "fve_centred",
             "dead_latents": "dead"}  # update() key -> log key  # fmt: skip
 

@@ -77,8 +77,6 @@ def test_next_token_loss_kl_and_frac_recovered_hand_computed():
     assert math.isnan(metrics.frac_recovered(1.0, 1.0, 1.0))
 
 
-
-
 def test_fve_definitions_on_a_constant_bias():
     """x̂ = x + c: the centred FVE (dictionary_learning) forgives the bias, the standard one does not."""
     x = torch.tensor([[1.0, 0.0], [3.0, 2.0], [2.0, 4.0]])  # mean (2, 2); Σ‖x − mean‖² = 5 + 1 + 4 = 10
