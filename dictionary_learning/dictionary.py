@@ -10,7 +10,9 @@ Files (no pickle):
                   + config.json (ours: the run config, architecture, activation_dim, dict_size)
                   + cfg.json (SAELens 6.x: `SAE.load_from_disk(folder)` loads it as a JumpReLU SAE)
   Gemma Scope     params.npz with W_enc [d, m], W_dec [m, d], b_enc [m], b_dec [d], threshold [m]
-from_pretrained reads all three.
+from_pretrained reads all three. A SAELens cfg.json may say that the encoder sees x − b_dec
+(`apply_b_dec_to_input`, true by default); that is folded exactly into the encoder bias, so every loaded
+SAE takes raw activations with the formula above. Configs it cannot carry are refused by field.
 """
 
 from __future__ import annotations
@@ -199,17 +201,18 @@ class JumpReluAutoEncoder(Dictionary):
         dtype: str | torch.dtype | None = None,
     ) -> JumpReluAutoEncoder:
         """Load our folder, a SAELens folder (cfg.json + sae_weights.safetensors), or a Gemma Scope
-        params.npz (the file, or a folder holding it). Bad files get an error naming file and tensor."""
+        params.npz (the file, or a folder holding it). Bad files get an error naming file and tensor.
+
+        In a folder our config.json governs where present, else SAELens's cfg.json (see `_folder_config`:
+        what is refused, and how SAELens's `apply_b_dec_to_input` is folded into b_enc). `ae.cfg` is that
+        config, with SAELens `metadata` (hook_name, context_size, prepend_bos, ...) also at its top level."""
         path = Path(path)
-        cfg: dict = {}
+        cfg, fold = {}, False
         if path.is_file() and path.suffix == ".npz":
             tensors, source = _read_npz(path), path
         elif path.is_dir() and (path / WEIGHTS_FILE).exists():
             source = path / WEIGHTS_FILE
-            for name in (CONFIG_FILE, SAELENS_CFG_FILE):
-                if (path / name).exists():
-                    cfg = read_json(path / name)
-                    break
+            cfg, fold = _folder_config(path)
             tensors = _read_safetensors(source)
         elif path.is_dir() and (path / GEMMA_SCOPE_FILE).exists():
             source = path / GEMMA_SCOPE_FILE
@@ -219,7 +222,7 @@ class JumpReluAutoEncoder(Dictionary):
                 f"{path}: not an SAE (expected a folder with {WEIGHTS_FILE} or {GEMMA_SCOPE_FILE}, "
                 "or a .npz file)"
             )
-        d, m = _check_tensors(tensors, source)
+        d, m = _check_tensors(tensors, source, cfg)
         for key, want in (("activation_dim", d), ("d_in", d), ("dict_size", m), ("d_sae", m)):
             if key in cfg and cfg[key] != want:
                 raise ValueError(f"{path}: config says {key}={cfg[key]} but {source.name} has {want}")
@@ -230,12 +233,70 @@ class JumpReluAutoEncoder(Dictionary):
                 dtype = parse_dtype(cfg.get("sae_dtype") or cfg.get("dtype") or tensors["W_enc"].dtype)
             except ValueError:
                 dtype = torch.float32
+        if fold:  # (x − b_dec)·W_enc + b_enc = x·W_enc + (b_enc − b_dec·W_enc); exact in fp64, one rounding
+            w, b_enc, b_dec = (tensors[n].double() for n in ("W_enc", "b_enc", "b_dec"))
+            tensors["b_enc"] = b_enc - b_dec @ w
         ae = cls(d, m, device=device, dtype=dtype, init=False)
         with torch.no_grad():
             for n in TENSOR_NAMES:
                 getattr(ae, n).copy_(tensors[n])
         ae.cfg = cfg
         return ae
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+def _folder_config(path: Path) -> tuple[dict, bool]:
+    """(config, fold) for a folder: our config.json where present, else SAELens's cfg.json. `fold` says
+    that the encoder sees x − b_dec (`apply_b_dec_to_input`: SAELens's default is true, ours false), so
+    b_dec·W_enc must be folded into b_enc; the returned config then says apply_b_dec_to_input false and
+    b_dec_folded_into_b_enc true. Both files are checked, and must agree on the fold."""
+    found = {}
+    for name, default in ((CONFIG_FILE, False), (SAELENS_CFG_FILE, True)):
+        if (path / name).exists():
+            c = read_json(path / name)
+            if not isinstance(c, dict):
+                raise ValueError(f"{path / name}: expected a JSON object, got {type(c).__name__}")
+            found[name] = (c, _input_rule(path / name, c, default))
+    if not found:
+        return {}, False
+    if len({fold for _, fold in found.values()}) > 1:
+        says = ", ".join(f"{n} {fold}" for n, (_, fold) in found.items())
+        raise ValueError(f"{path}: the two configs disagree on apply_b_dec_to_input ({says})")
+    cfg, fold = found.get(CONFIG_FILE) or found[SAELENS_CFG_FILE]
+    cfg = dict(cfg)
+    if isinstance(cfg.get("metadata"), dict):  # SAELens >= 6 nests these; < 6 had them at the top
+        for k, v in cfg["metadata"].items():
+            cfg.setdefault(k, v)
+    if "hook_point" in cfg:  # SAELens < 6 name
+        cfg.setdefault("hook_name", cfg["hook_point"])
+    if fold:
+        cfg.update(apply_b_dec_to_input=False, b_dec_folded_into_b_enc=True)
+    return cfg, fold
+
+
+def _input_rule(path: Path, cfg: dict, b_dec_default: bool) -> bool:
+    """Refuse a config whose forward pass the five tensors do not carry; return apply_b_dec_to_input.
+    SAELens 6.54's jumprelu SAE (saes/sae.py `process_sae_in`, saes/jumprelu_sae.py) computes
+        pre = (norm_in(reshape(x)) − apply_b_dec_to_input·b_dec)·W_enc + b_enc
+        f = ReLU(pre)·1[pre > threshold],  x̂ = reshape⁻¹(norm_out(f·W_dec + b_dec)),
+    the ReLU a no-op for threshold >= 0. The b_dec term folds into b_enc; a normalisation other than
+    "none" is a per-token rescaling (or a scale we do not have), and reshaping changes the input's shape."""
+    arch = cfg.get("architecture")
+    if arch is not None and arch != "jumprelu":
+        raise ValueError(f"{path}: architecture={arch!r} is not supported (only 'jumprelu' SAEs load)")
+    for key in ("normalize_activations", "reshape_activations"):
+        value = cfg.get(key)
+        if value not in (None, False, "none"):  # SAELens < 6 wrote normalize_activations as a bool
+            raise ValueError(
+                f"{path}: {key}={value!r} is not supported: it transforms the SAE's input in a way "
+                "its weights do not carry (only 'none' loads)"
+            )
+    apply = cfg.get("apply_b_dec_to_input", b_dec_default)
+    if not isinstance(apply, bool):
+        raise ValueError(f"{path}: apply_b_dec_to_input must be true or false, got {apply!r}")
+    return apply
 
 
 # ---------------------------------------------------------------------------- readers
@@ -250,21 +311,29 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_npz(path: Path) -> dict[str, torch.Tensor]:
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: cannot read npz file (the file is empty)")
     try:
         with np.load(path, allow_pickle=False) as data:
             # Gemma Scope spells them W_enc ...; some copies use w_enc.
             return {
                 ("W_" + k[2:] if k.startswith("w_") else k): torch.from_numpy(np.array(data[k])) for k in data
             }
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read npz file ({e})") from None
+    except Exception as e:  # a truncated or damaged zip raises BadZipFile, EOFError, zlib.error, OSError, ...
+        why = " ".join(str(e).split())  # one line
+        raise ValueError(f"{path}: cannot read npz file ({type(e).__name__}: {why})") from None
 
 
-def _check_tensors(t: dict[str, torch.Tensor], source: Path) -> tuple[int, int]:
+def _check_tensors(t: dict[str, torch.Tensor], source: Path, cfg: dict) -> tuple[int, int]:
     """Check presence, shapes and finiteness; return (d, m)."""
+    missing = [n for n in TENSOR_NAMES if n not in t]
+    if missing:
+        other = _other_architecture(t, cfg)
+        hint = f"; this looks like a {other} SAE, and only JumpReLU SAEs load" if other else ""
+        raise ValueError(f"{source}: tensor {missing[0]!r} missing (has {sorted(t)}){hint}")
+    if "scaling_factor" in t and not torch.allclose(t["scaling_factor"].float(), torch.ones(())):
+        raise ValueError(f"{source}: tensor 'scaling_factor' is not all ones (SAELens < 6 fine-tuning scale)")
     for n in TENSOR_NAMES:
-        if n not in t:
-            raise ValueError(f"{source}: tensor {n!r} missing (has {sorted(t)})")
         if not t[n].is_floating_point():
             raise ValueError(f"{source}: tensor {n!r} has non-float dtype {t[n].dtype}")
     if t["W_enc"].ndim != 2:
@@ -282,3 +351,16 @@ def _check_tensors(t: dict[str, torch.Tensor], source: Path) -> tuple[int, int]:
     if not math.prod(t["W_enc"].shape):
         raise ValueError(f"{source}: tensor 'W_enc' is empty")
     return int(d), int(m)
+
+
+def _other_architecture(t: dict[str, torch.Tensor], cfg: dict) -> str | None:
+    """Name the SAE architecture whose tensors these are, when it is not JumpReLU (SAELens's names)."""
+    if cfg.get("architecture") == "jumprelu":
+        return None  # a damaged JumpReLU file
+    if {"b_gate", "b_mag", "r_mag"} & set(t):
+        return "gated"
+    if "k" in cfg or "topk" in str(cfg.get("activation_fn", "")):
+        return "topk"
+    if "threshold" not in t and {"W_enc", "W_dec", "b_enc", "b_dec"} <= set(t):
+        return "standard (ReLU) or TopK"
+    return None

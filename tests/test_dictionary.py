@@ -196,11 +196,213 @@ def test_missing_and_unreadable(tmp_path):
         JumpReluAutoEncoder.from_pretrained(tmp_path)
 
 
-def test_loads_in_saelens_if_installed(tmp_path):
-    """Only runs where sae-lens is installed (it is not in this project's pins)."""
+# ------------------------------------------------------------------ SAELens folders written by others
+
+
+def _saelens_folder(path, ae, **fields):
+    """A SAELens-layout folder (cfg.json + sae_weights.safetensors, no config.json) holding `ae`'s tensors;
+    `fields` are set in cfg.json (a value of None leaves the field out)."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(ae.weights(), str(path / "sae_weights.safetensors"))
+    meta = {"hook_name": "blocks.3.hook_resid_post", "context_size": 1024, "prepend_bos": True,
+            "model_name": "gemma-2-2b", "sae_lens_version": "6.54.12"}  # fmt: skip
+    cfg = {"architecture": "jumprelu", "d_in": ae.activation_dim, "d_sae": ae.dict_size, "dtype": "float32",
+           "device": "cpu", "normalize_activations": "none", "reshape_activations": "none", "metadata": meta}  # fmt: skip
+    cfg.update(fields)
+    (path / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return path
+
+
+def _jumprelu_by_hand(ae, x, sub_b_dec):
+    """SAELens's JumpReLU in fp64: pre = (x − b_dec)·W_enc + b_enc (no b_dec term when not sub_b_dec),
+    f = pre·1[pre > threshold], x̂ = f·W_dec + b_dec."""
+    w = {n: t.double() for n, t in ae.weights().items()}
+    pre = (x.double() - w["b_dec"] * sub_b_dec) @ w["W_enc"] + w["b_enc"]
+    f = pre * (pre > w["threshold"])
+    return f, f @ w["W_dec"] + w["b_dec"]
+
+
+@pytest.mark.parametrize("apply", [True, None, False], ids=["true", "absent", "false"])
+def test_saelens_apply_b_dec_to_input_folded_exactly(tmp_path, apply):
+    ae = random_ae(1)
+    with torch.no_grad():
+        ae.b_dec.copy_(torch.randn(D, generator=torch.Generator().manual_seed(5)))  # large enough to matter
+    path = _saelens_folder(tmp_path, ae, apply_b_dec_to_input=apply)
+    loaded = JumpReluAutoEncoder.from_pretrained(path)
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(6))
+    sub = apply is not False  # SAELens's default is true
+    f, x_hat = _jumprelu_by_hand(ae, x, sub)
+    f_other, _ = _jumprelu_by_hand(ae, x, not sub)
+    assert 0 < (f > 0).double().mean() < 1 and not torch.equal(f > 0, f_other > 0)  # the test discriminates
+    assert torch.allclose(loaded.encode(x).double(), f, atol=1e-5)
+    assert torch.allclose(loaded.decode(f.float()).double(), x_hat, atol=1e-5)  # decode unchanged
+    assert torch.allclose(loaded(x).double(), x_hat, atol=1e-5)
+    assert loaded.cfg["apply_b_dec_to_input"] is False  # the loaded weights take raw activations
+    assert loaded.cfg.get("b_dec_folded_into_b_enc", False) is sub
+    # SAELens metadata, for the evaluation's defaults
+    assert loaded.cfg["context_size"] == 1024 and loaded.cfg["prepend_bos"] is True
+    assert loaded.cfg["hook_name"] == "blocks.3.hook_resid_post"
+
+
+def test_fold_is_done_in_float64_then_cast(tmp_path):
+    ae = random_ae(2)
+    with torch.no_grad():
+        ae.b_dec.mul_(100.0)
+    loaded = JumpReluAutoEncoder.from_pretrained(_saelens_folder(tmp_path, ae), dtype="bfloat16")
+    w = {n: t.double() for n, t in ae.weights().items()}
+    want = (w["b_enc"] - w["b_dec"] @ w["W_enc"]).to(torch.bfloat16)  # one rounding, from the exact value
+    assert loaded.b_enc.dtype == torch.bfloat16 and torch.equal(loaded.b_enc, want)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("normalize_activations", "layer_norm"),
+        ("normalize_activations", "expected_average_only_in"),
+        ("normalize_activations", "constant_norm_rescale"),
+        ("normalize_activations", True),  # SAELens < 6 spelling of expected_average_only_in
+        ("reshape_activations", "hook_z"),
+        ("architecture", "topk"),
+        ("architecture", "gated"),
+        ("architecture", "standard"),
+    ],
+)
+def test_saelens_config_the_weights_cannot_carry_is_refused(tmp_path, field, value):
+    path = _saelens_folder(tmp_path, random_ae(), **{field: value})
+    with pytest.raises(ValueError, match=rf"cfg\.json: {field}={value!r}") as e:
+        JumpReluAutoEncoder.from_pretrained(path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("arch", ["topk", "gated"])
+def test_our_config_with_another_architecture_is_refused(tmp_path, arch):
+    random_ae().save(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "architecture": arch}))
+    with pytest.raises(ValueError, match=rf"config\.json: architecture='{arch}'"):
+        JumpReluAutoEncoder.from_pretrained(tmp_path)
+
+
+def test_our_config_governs_and_must_agree_with_cfg_json(tmp_path):
+    ae = random_ae()
+    ae.save(tmp_path)
+    loaded = JumpReluAutoEncoder.from_pretrained(tmp_path)  # both files present: raw activations
+    assert torch.equal(loaded.b_enc, ae.b_enc) and "b_dec_folded_into_b_enc" not in loaded.cfg
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "apply_b_dec_to_input": True}))
+    with pytest.raises(ValueError, match="disagree on apply_b_dec_to_input"):
+        JumpReluAutoEncoder.from_pretrained(tmp_path)
+
+
+def test_topk_like_folder_without_threshold_names_the_architecture(tmp_path):
+    # SAELens's TopK layout: no threshold tensor, `k` in cfg.json; here without an architecture field
+    tensors = {n: t for n, t in random_ae().weights().items() if n != "threshold"}
+    save_file(tensors, str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps({"d_in": D, "d_sae": M, "k": 4}))
+    with pytest.raises(ValueError, match="tensor 'threshold' missing.*looks like a topk SAE"):
+        JumpReluAutoEncoder.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------ damaged Gemma Scope files
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "cut_short", "flipped"])
+def test_damaged_params_npz_named(tmp_path, damage):
+    out = random_ae().export_gemma_scope(tmp_path / "gs")
+    raw = out.read_bytes()
+    damaged = {
+        "empty": b"",
+        "truncated": raw[: len(raw) // 2],
+        "cut_short": raw[:3],
+        "flipped": raw[:200] + bytes(b ^ 0xFF for b in raw[200:260]) + raw[260:],
+    }[damage]
+    out.write_bytes(damaged)
+    for path in (out, out.parent):
+        with pytest.raises(ValueError, match=r"params\.npz: cannot read npz file") as e:
+            JumpReluAutoEncoder.from_pretrained(path)
+        assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------ the installed sae-lens package
+
+
+def _saelens_jumprelu(sae_lens, apply_b_dec_to_input, seed=0):
+    """SAELens's own JumpReLU SAE, every parameter random (non-zero biases, thresholds >= 0)."""
+    meta = {"hook_name": "blocks.2.hook_resid_post", "context_size": 256, "prepend_bos": True}
+    cfg = sae_lens.JumpReLUSAEConfig.from_dict(
+        {
+            "architecture": "jumprelu",
+            "d_in": D,
+            "d_sae": M,
+            "apply_b_dec_to_input": apply_b_dec_to_input,
+            "metadata": meta,
+        }  # fmt: skip
+    )
+    sae = sae_lens.JumpReLUSAE(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(D, M, generator=g) / D**0.5)
+        sae.W_dec.copy_(torch.randn(M, D, generator=g) / M**0.5)
+        sae.b_enc.copy_(torch.randn(M, generator=g) * 0.3)
+        sae.b_dec.copy_(torch.randn(D, generator=g))
+        sae.threshold.copy_(torch.rand(M, generator=g) * 0.5)
+    return sae
+
+
+def test_our_folder_loads_in_saelens(tmp_path):
     sae_lens = pytest.importorskip("sae_lens")
     ae = random_ae()
     ae.save(tmp_path, {"model_name": "m", "hook_name": "blocks.0.hook_resid_post"})
     sae = sae_lens.SAE.load_from_disk(str(tmp_path), device="cpu")
-    x = torch.randn(5, D)
-    assert torch.allclose(sae(x), ae(x), atol=1e-6)
+    assert type(sae).__name__ == "JumpReLUSAE"
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(7))
+    f = ae.encode(x)
+    assert 0 < (f > 0).float().mean() < 1
+    with torch.no_grad():
+        assert torch.allclose(sae.encode(x), f, atol=1e-5)
+        assert torch.allclose(sae.decode(f), ae.decode(f), atol=1e-5)
+        assert torch.allclose(sae(x), ae(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("apply", [True, False], ids=["apply_b_dec_true", "apply_b_dec_false"])
+def test_saelens_saved_folder_matches_saelens(tmp_path, apply):
+    sae_lens = pytest.importorskip("sae_lens")
+    sae = _saelens_jumprelu(sae_lens, apply)
+    sae.save_model(tmp_path / "saelens")
+    assert not (tmp_path / "saelens" / "config.json").exists()
+    ae = JumpReluAutoEncoder.from_pretrained(tmp_path / "saelens")
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        f = sae.encode(x)
+        assert 0 < (f > 0).float().mean() < 1
+        assert torch.allclose(ae.encode(x), f, atol=1e-5)
+        assert torch.allclose(ae.decode(f), sae.decode(f), atol=1e-5)
+        assert torch.allclose(ae(x), sae(x), atol=1e-5)
+    assert ae.cfg["context_size"] == 256 and ae.cfg["hook_name"] == "blocks.2.hook_resid_post"
+    # and back: our save of the folded SAE loads in SAELens and computes the same as the original
+    ae.save(tmp_path / "ours", ae.cfg)
+    assert torch.equal(
+        JumpReluAutoEncoder.from_pretrained(tmp_path / "ours").b_enc, ae.b_enc
+    )  # no second fold
+    again = sae_lens.SAE.load_from_disk(str(tmp_path / "ours"), device="cpu")
+    assert again.cfg.apply_b_dec_to_input is False
+    with torch.no_grad():
+        assert torch.allclose(again.encode(x), f, atol=1e-5)
+        assert torch.allclose(again(x), sae(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["topk", "gated"])
+def test_saelens_topk_and_gated_folders_refused_by_name(tmp_path, arch):
+    sae_lens = pytest.importorskip("sae_lens")
+    if arch == "topk":
+        sae = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=D, d_sae=M, k=3))
+    else:
+        sae = sae_lens.GatedSAE(sae_lens.GatedSAEConfig(d_in=D, d_sae=M))
+    sae.save_model(tmp_path)
+    with pytest.raises(ValueError, match=rf"cfg\.json: architecture='{arch}'"):
+        JumpReluAutoEncoder.from_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    del cfg["architecture"]  # without the field, the tensors (or `k`) still name it
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"missing.*looks like a {arch} SAE"):
+        JumpReluAutoEncoder.from_pretrained(tmp_path)
