@@ -83,6 +83,10 @@ class DataParallelTrainer(JumpReluTrainer):
         return {**s, "loss": mse[0] + s["sparsity_loss"], "mse": mse[0], "l0": l0[0], "fired": fired,
                 "counts": counts}  # fmt: skip
 
+    def dead_fraction(self, batch_rows: int) -> torch.Tensor:
+        """As JumpReluTrainer's, with the dead window resolved from the global batch's rows."""
+        return super().dead_fraction(self._global.get("rows", batch_rows))
+
     def update(self, step: int, x: torch.Tensor) -> dict:
         """trainer.update on this rank's rows x [n_r, d]; counters and statistics of the global batch."""
         out = super().update(step, x)
@@ -91,6 +95,6 @@ class DataParallelTrainer(JumpReluTrainer):
             self.tokens_since_fired.add_(extra).masked_fill_(g["fired"], 0)
             self.tokens_seen += extra
             self.fire_tokens += extra  # fire_counts already holds the global batch's
-            dead = self.dead_fraction(g["rows"])
+            dead = self.dead_fraction(g["rows"])  # after the other ranks' tokens are counted
         return {**out, "frac_variance_explained": g["fve"], "frac_variance_explained_centred": g["fve_centred"],
                 "dead_latents": float(dead)}  # fmt: skip

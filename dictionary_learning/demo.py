@@ -197,6 +197,8 @@ def run_meta(cfg: DemoConfig, buffer_cfg: dict | None = None) -> dict:
         "validation_fraction": cfg.validation_fraction,
         "ctx_len": cfg.ctx_len,
         "exclude_first_k": cfg.exclude_first_k,
+        "prepend_bos": cfg.prepend_bos,
+        "max_norm_multiple": cfg.max_norm_multiple,
         "buffer": buffer_cfg or {},
         "demo": cfg.to_dict(),
     }
@@ -245,7 +247,8 @@ def plan(cfg: DemoConfig) -> dict:
 
 def harvest_key(cfg: DemoConfig, n_tokens: int) -> dict:
     """The settings an activation cache depends on; a cache made with others is never reused."""
-    keys = ("model", "layer", "site", "dataset", "seed", "validation_fraction", "ctx_len", "exclude_first_k")
+    keys = ("model", "layer", "site", "dataset", "seed", "validation_fraction", "ctx_len", "exclude_first_k",
+            "prepend_bos", "max_norm_multiple")  # fmt: skip
     return {**{k: getattr(cfg, k) for k in keys}, "n_tokens": n_tokens}
 
 
@@ -300,6 +303,8 @@ def activations(cfg: DemoConfig, args, model, train_texts, steps: int, out_dir: 
         refresh_batch_size=cfg.lm_batch_size,
         seed=cfg.seed,
         exclude_first_k=cfg.exclude_first_k,
+        prepend_bos=cfg.prepend_bos,
+        max_norm_multiple=cfg.max_norm_multiple,
     )
     if not (cfg.cache_activations or args.from_cache):
         buf = ActivationBuffer(
@@ -327,7 +332,9 @@ def activations(cfg: DemoConfig, args, model, train_texts, steps: int, out_dir: 
         meta = {**run_meta(cfg, buf.config), "harvest_key": key}
         m = write_cache(buf, cache_dir, n_tokens=n_tokens, meta=meta, overwrite=args.overwrite)
         log.info("harvested %d tokens into %s in %.0f s", m["n_tokens"], cache_dir, time.time() - t0)
-    cache = ActivationCache(cache_dir, batch_size=batch, seed=cfg.seed, epochs=1)
+    cache = ActivationCache(
+        cache_dir, batch_size=batch, seed=cfg.seed, epochs=1, max_norm_multiple=cfg.max_norm_multiple
+    )
     if args.from_cache:
         check_from_cache(cache, cfg)
     epochs = int(ctx.max(math.ceil(steps * batch / cache.n_tokens)))  # the ranks agree
@@ -339,7 +346,25 @@ def activations(cfg: DemoConfig, args, model, train_texts, steps: int, out_dir: 
     log.info("activation cache: %d tokens, %d epoch(s) for %d steps", cache.n_tokens, epochs, steps)
     cache.epochs = epochs  # nothing read yet
     data = distributed.RankSlice(cache) if ctx.distributed and args.from_cache else cache
-    return data, {**cache.manifest.get("buffer", {}), "cache": str(cache_dir), "epochs": epochs}
+    buffer_cfg = {**cache.manifest.get("buffer", {}), "cache": str(cache_dir), "epochs": epochs}
+    return data, {**buffer_cfg, "massive_tokens": cache.massive}
+
+
+def validation_activations(cfg: DemoConfig, model, texts):
+    """cfg.val_tokens held-out activations [N, d] (or None) from the validation split, by the training
+    buffer's rules (windows, BOS, special and massive tokens), for the held-out metrics during training."""
+    from dictionary_learning.buffer import ActivationBuffer, DataExhausted
+
+    if not cfg.val_tokens or model is None or not texts:
+        return None
+    buf = ActivationBuffer(texts, model, cfg.layer, cfg.site, ctx_len=cfg.ctx_len, refresh_batch_size=cfg.lm_batch_size,
+                           n_ctxs=max(2, 2 * -(-cfg.val_tokens // cfg.ctx_len)), out_batch_size=cfg.val_tokens,
+                           exclude_first_k=cfg.exclude_first_k, prepend_bos=cfg.prepend_bos,
+                           max_norm_multiple=cfg.max_norm_multiple, seed=cfg.seed)  # fmt: skip
+    try:
+        return next(buf)
+    except DataExhausted:
+        return None
 
 
 def evaluate_run(run_dir: Path, cfg: DemoConfig, args) -> list[dict]:
@@ -394,6 +419,10 @@ def run(cfg: DemoConfig, args) -> list[dict] | None:
     if not args.from_cache:
         model = load_language_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     data, buffer_cfg = activations(cfg, args, model, train_texts, steps, out_dir)
+    times = {"data_and_activations_s": time.time() - t0}  # loading, and the harvest into a cache
+    val_texts = None if args.from_cache else load_texts(cfg.dataset, "validation", seed=cfg.seed,
+                                                        validation_fraction=cfg.validation_fraction)  # fmt: skip
+    validation = validation_activations(cfg, model, val_texts) if ctx.is_main else None
     trainers = sweep(cfg, info["d_model"], steps)
     log_every = max(1, min(100, steps // 20))
     trainSAE(
@@ -407,15 +436,20 @@ def run(cfg: DemoConfig, args) -> list[dict] | None:
         resume=args.resume or distributed.restart_count() > 0,  # torchrun --max-restarts resumes
         overwrite=args.overwrite,
         use_wandb=args.wandb,
+        validation=validation,
+        eval_every=cfg.eval_every or max(1, steps // 10),
         progress=not args.quiet,
     )
     del model, data
     distributed.shutdown()
     if not ctx.is_main:  # rank 0 evaluates and pushes every trainer
         return None
+    times["training_s"] = time.time() - t0 - sum(times.values())  # (streaming: harvest included)
     log.info("training done in %.0f s", time.time() - t0)
     rows = evaluate_run(out_dir, cfg, args)
+    times["evaluation_s"] = time.time() - t0 - sum(times.values())
     write_json(out_dir / "demo_config.json", cfg.to_dict())
+    write_json(out_dir / "timings.json", {**times, "total_s": time.time() - t0})
     if args.push_to_hub:
         from dictionary_learning.hub import push_to_hub
 

@@ -30,6 +30,13 @@ class DemoConfig:
     """Drop the first k positions of every context window from training and evaluation. Position 0 is
     an attention sink with a huge norm (SmolLM2 layer 15: ~24,000 vs ~180 elsewhere) that would dominate
     the norm estimate and the loss; where a window starts with BOS it is dropped anyway."""
+    prepend_bos: bool | None = None
+    """Start every context window with BOS (never trained on or scored); None: where the tokenizer adds
+    BOS itself (Gemma: yes, trained with BOS first; SmolLM2: no BOS)."""
+    max_norm_multiple: float | None = 10.0
+    """Drop tokens whose activation norm exceeds this multiple of the median norm (massive activations,
+    arXiv 2402.17762) from the norm estimate, training and the headline evaluation metrics, like special
+    tokens; the evaluation also reports all tokens. None keeps them."""
     lm_batch_size: int = 32
     """Contexts per language-model forward pass."""
     sae_batch_size: int = 1024
@@ -73,6 +80,11 @@ class DemoConfig:
     with a clear error when the data runs out) instead of silently training on less."""
     eval_tokens: int = 8192
     """Held-out tokens used by the evaluation."""
+    val_tokens: int = 4096
+    """Held-out activations (validation split) on which L0, both FVEs and MSE are logged during
+    training, every eval_every steps; 0: none."""
+    eval_every: int | None = None
+    """Steps between those held-out checks; None: a tenth of the run."""
     validation_fraction: float = 0.1
     """Fraction of the data set held out for evaluation (never trained on)."""
     save_dir: str = "runs"

@@ -41,18 +41,35 @@ SUMMARY_COLUMNS = (
     "dict_size",
     "l0",
     "frac_variance_explained",
+    "frac_variance_explained_centred",
+    "delta_loss",
+    "frac_recovered_mean",
+    "frac_recovered",
+    "kl_div",
     "mse",
     "cossim",
     "frac_alive",
-    "frac_recovered",
-    "frac_recovered_mean",
-    "kl_div",
-    "kl_score",
     "loss_original",
     "loss_reconstructed",
     "n_tokens",
+    "massive_share",
+    "fve_all_tokens",
 )
-CURVE_KEYS = ("loss", "mse", "l0", "fve", "dead", "lr")
+"""eval_summary columns; the .md shows each metric that has one with its 95% interval, the .csv adds
+`<metric>_lo` and `<metric>_hi` columns. massive_share: share of the real held-out tokens dropped as
+massive; fve_all_tokens: the standard FVE with them included."""
+COLUMN_TITLES = {
+    "frac_variance_explained": "FVE (standard)",
+    "frac_variance_explained_centred": "FVE (centred)",
+    "delta_loss": "delta loss (nats)",
+    "frac_recovered_mean": "loss rec. (mean abl.)",
+    "frac_recovered": "loss rec. (zero abl.)",
+    "frac_alive": "frac_alive (over n_tokens)",
+}
+GEMMA_SCOPE_PROTOCOL = {"ctx_len": 1024, "prepend_bos": True}
+"""Defaults for a params.npz, which records no settings: Gemma Scope's own evaluation (arXiv
+2408.05147): 1024-token contexts, BOS first and excluded."""
+CURVE_KEYS = ("loss", "mse", "l0", "fve", "val_fve", "dead", "lr")
 DEFAULT_GROUP_SIZE = 16
 """Most SAEs evaluated together (sharing the clean and ablation passes), i.e. held in memory at once."""
 
@@ -93,6 +110,11 @@ def _find(cfg: dict, *keys):
     return None
 
 
+def _has(cfg: dict, key: str) -> bool:
+    """Whether `key` occurs in cfg or its nested dicts (a recorded None counts)."""
+    return key in cfg or any(_has(v, key) for v in cfg.values() if isinstance(v, dict))
+
+
 def run_settings(sae_path: Path, args) -> dict:
     """Model, layer, site, data set and window settings of one SAE: its config.json (ours) or cfg.json
     (SAELens), overridden by the CLI flags. A missing field names the file and the flag to pass."""
@@ -102,12 +124,26 @@ def run_settings(sae_path: Path, args) -> dict:
     meta = cfg["run_meta"] if isinstance(cfg.get("run_meta"), dict) else cfg
     hook = _find(cfg, "hook_name", "hook")
     m = re.fullmatch(r"blocks\.(\d+)\.hook_(\w+)", str(hook)) if hook else None
+    npz = {} if cfg else GEMMA_SCOPE_PROTOCOL  # a params.npz records nothing: Gemma Scope's protocol
+    bos = args.prepend_bos if args.prepend_bos is not None else _find(cfg, "prepend_bos")
+    if args.max_norm_multiple is not None:
+        multiple = None if args.max_norm_multiple == "none" else args.max_norm_multiple
+    else:
+        multiple = (
+            _find(cfg, "max_norm_multiple")
+            if _has(cfg, "max_norm_multiple")
+            else EvalConfig.max_norm_multiple
+        )
     s = {
         "model": args.model or _find(cfg, "model", "model_name"),
         "layer": args.layer if args.layer is not None else _find(cfg, "layer"),
         "site": args.site or _find(cfg, "site") or (m and m.group(2)),
         "dataset": args.dataset or _find(cfg, "dataset", "dataset_path"),
-        "ctx_len": args.ctx_len or _find(cfg, "ctx_len", "context_size") or EvalConfig.ctx_len,
+        "ctx_len": args.ctx_len
+        or _find(cfg, "ctx_len", "context_size")
+        or npz.get("ctx_len", EvalConfig.ctx_len),
+        "prepend_bos": bos if bos is not None else npz.get("prepend_bos"),
+        "max_norm_multiple": multiple,
         # the data split seed: from run_meta (the top level of our config.json holds the SAE init seed)
         "seed": next((meta[k] for k in ("data_seed", "split_seed", "seed") if meta.get(k) is not None), 0),
         "validation_fraction": meta.get("validation_fraction") or 0.1,
@@ -158,30 +194,33 @@ def plot_density(log_density, path: Path, title: str = "") -> None:
 
 
 def plot_frontiers(rows: list[dict], out_dir: Path) -> list[Path]:
-    """L0 vs FVE and L0 vs loss recovered, one series per dict_size; returns the PNG paths."""
+    """L0 vs FVE (both definitions, named) and L0 vs loss recovered (zero and mean ablation), one
+    series per dict_size, with the 95% bootstrap intervals as error bars; returns the PNG paths."""
     plt = _plt()
     paths = []
     panels = (
-        ("frontier_fve.png", [("frac_variance_explained", "FVE")]),
-        (
-            "frontier_loss_recovered.png",
-            [("frac_recovered", "vs zero ablation"), ("frac_recovered_mean", "vs mean ablation")],
-        ),
-    )
-    for name, series in panels:
+        ("frontier_fve.png", "fraction of variance explained",
+         [("frac_variance_explained", "FVE (standard)"), ("frac_variance_explained_centred", "FVE (centred)")]),
+        ("frontier_loss_recovered.png", "fraction of loss recovered",
+         [("frac_recovered", "vs zero ablation"), ("frac_recovered_mean", "vs mean ablation")]),
+    )  # fmt: skip
+    for name, ylabel, series in panels:
         fig, ax = plt.subplots(figsize=(5, 3.5), layout="constrained")
         for width in sorted({r["dict_size"] for r in rows}):
-            pts = sorted((r["l0"], r) for r in rows if r["dict_size"] == width)
+            pts = sorted(((r["l0"], r) for r in rows if r["dict_size"] == width), key=lambda p: p[0])
             for key, label in series:
-                ys = [(x, r[key]) for x, r in pts if r.get(key) is not None]
-                if ys:
-                    ax.plot(
-                        *zip(*ys), marker="o", label=f"w={width} {label}" if len(series) > 1 else f"w={width}"
-                    )
+                pts_k = [(x, r) for x, r in pts if r.get(key) is not None]
+                if not pts_k:
+                    continue
+                xs, ys = [x for x, _ in pts_k], [r[key] for _, r in pts_k]
+                cis = [r.get(key + "_ci") or [r[key], r[key]] for _, r in pts_k]
+                err = [[y - (lo if lo is not None else y) for y, (lo, _) in zip(ys, cis)],
+                       [(hi if hi is not None else y) - y for y, (_, hi) in zip(ys, cis)]]  # fmt: skip
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"w={width} {label}")
         l0s = [r["l0"] for r in rows if r["l0"] > 0]
         if l0s and max(l0s) > 5 * min(l0s):
             ax.set_xscale("log")
-        ax.set(xlabel="L0", ylabel=series[0][1] if len(series) == 1 else "fraction of loss recovered")
+        ax.set(xlabel="L0", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         paths.append(out_dir / name)
@@ -220,20 +259,49 @@ def _fmt(v) -> str:
 
 
 def write_summary(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
-    """eval_summary.csv (full precision) and eval_summary.md (a markdown table) in out_dir."""
+    """eval_summary.csv (full precision, intervals as _lo/_hi columns) and eval_summary.md (a markdown
+    table: metric [95% interval], the FVE definitions named, the held-out token count) in out_dir."""
     csv_path, md_path = out_dir / "eval_summary.csv", out_dir / "eval_summary.md"
+    ci = [c for c in SUMMARY_COLUMNS if any(r.get(c + "_ci") for r in rows)]
+    fields = [*SUMMARY_COLUMNS, *(f"{c}_{e}" for c in ci for e in ("lo", "hi"))]
+    flat = [{**r, **{f"{c}_{e}": (r.get(c + "_ci") or [None, None])[j] for c in ci for j, e in enumerate(("lo", "hi"))}}
+            for r in rows]  # fmt: skip
     with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
-    lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in SUMMARY_COLUMNS) + " |" for r in rows]
+        w.writerows(flat)
+
+    def cell(r, c):
+        lo_hi = r.get(c + "_ci")
+        return _fmt(r.get(c)) + (
+            f" [{_fmt(lo_hi[0])}, {_fmt(lo_hi[1])}]" if lo_hi and None not in lo_hi else ""
+        )
+
+    titles = [COLUMN_TITLES.get(c, c) for c in SUMMARY_COLUMNS]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+    lines += ["| " + " | ".join(cell(r, c) for c in SUMMARY_COLUMNS) + " |" for r in rows]
+    lines += ["", "FVE (standard) = 1 − Σ‖x − x̂‖² / Σ‖x − mean x‖² (SAELens, SAEBench); FVE (centred) = "
+              "1 − Σ_d Var(x − x̂) / Σ_d Var(x) (dictionary_learning). [95% bootstrap interval over context "
+              "windows.] Headline metrics exclude massive-activation tokens (massive_share of the real held-out "
+              "tokens); fve_all_tokens includes them."]  # fmt: skip
     with atomic_path(md_path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
 
 # ---------------------------------------------------------------------------- CLI
+
+
+def _multiple(v: str):
+    if v.strip().lower() in ("none", "off"):
+        return "none"
+    try:
+        x = float(v)
+    except ValueError:
+        x = 0.0
+    if not x > 1:
+        raise argparse.ArgumentTypeError(f"must be a number > 1 or 'none', got {v!r}")
+    return x
 
 
 def parse_args(argv=None):
@@ -257,6 +325,14 @@ def parse_args(argv=None):
     p.add_argument("--layer", type=int, default=None, help="layer (default: the run's)")
     p.add_argument("--site", default=None, help="resid_post / resid_pre / mlp_out (default: the run's)")
     p.add_argument("--exclude-first-k", type=int, default=None, help="default: the run's buffer setting")
+    p.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every window with BOS (default: the run's setting; SAELens metadata; "
+                   "Gemma Scope npz: yes; else where the tokenizer adds BOS)")  # fmt: skip
+    p.add_argument("--max-norm-multiple", type=_multiple, default=None, metavar="X|none",
+                   help="tokens with norm > X x the median are massive: left out of the headline "
+                   f"metrics (default: the run's, else {EvalConfig.max_norm_multiple:g}; none: keep all)")  # fmt: skip
+    p.add_argument("--n-ref-tokens", type=int, default=EvalConfig.n_ref_tokens,
+                   help="reference tokens of the train split (mean ablation, median norm)")  # fmt: skip
     p.add_argument(
         "--group-size",
         type=int,
@@ -310,7 +386,8 @@ def eval_groups(settings: list[dict], max_group: int) -> list[list[int]]:
     """Indices of the SAEs that can share their evaluation passes: same model, layer, site, validation
     split (dataset, seed, validation_fraction), ctx_len and exclude_first_k; groups of at most
     max_group SAEs (bounds the SAEs held in memory), ordered by model so each model loads once."""
-    keys = ("model", "layer", "site", "dataset", "seed", "validation_fraction", "ctx_len", "exclude_first_k")
+    keys = ("model", "layer", "site", "dataset", "seed", "validation_fraction", "ctx_len", "exclude_first_k",
+            "prepend_bos", "max_norm_multiple")  # fmt: skip
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(settings):
         groups.setdefault(tuple(str(s[k]) for k in keys), []).append(i)
@@ -336,21 +413,26 @@ def run(args, saes: list[Path], settings: list[dict]) -> list[dict]:
             models.clear()  # one language model in memory at a time
             models[s["model"]] = load_language_model(s["model"], device=args.device, dtype=args.dtype)
         data_key = (s["dataset"], s["seed"], s["validation_fraction"])
-        if data_key not in texts:
-            texts[data_key] = load_texts(
-                s["dataset"], split="validation", seed=s["seed"], validation_fraction=s["validation_fraction"]
-            )
+        if data_key not in texts:  # held-out text to score; the train split for the reference tokens
+            texts[data_key] = [
+                load_texts(s["dataset"], split=split, seed=s["seed"], validation_fraction=s["validation_fraction"])
+                for split in ("validation", "train")
+            ]  # fmt: skip
         results = evaluate_many(
             [load_sae(str(saes[i]), device=args.device) for i in group],
             models[s["model"]],
             s["layer"],
             s["site"],
-            texts[data_key],
+            texts[data_key][0],
+            mean_texts=texts[data_key][1],
             n_tokens=args.n_tokens,
             batch_size=args.batch_size,
             ctx_len=s["ctx_len"],
             device=args.device,
             exclude_first_k=s["exclude_first_k"],
+            prepend_bos=s["prepend_bos"],
+            max_norm_multiple=s["max_norm_multiple"],
+            n_ref_tokens=args.n_ref_tokens,
             progress=not args.no_progress,
             return_counts=True,
         )
@@ -361,6 +443,7 @@ def run(args, saes: list[Path], settings: list[dict]) -> list[dict]:
                 **settings[i],
                 "sae": str(path),
                 "split": "validation",
+                "reference_split": "train",
                 "n_tokens_requested": args.n_tokens,
                 "batch_size": args.batch_size,
                 "lm_dtype": args.dtype,
@@ -371,7 +454,8 @@ def run(args, saes: list[Path], settings: list[dict]) -> list[dict]:
             save_sparsity(folder / SPARSITY_FILE, counts, metrics["n_tokens"])
             density = log_feature_density(counts, metrics["n_tokens"])
             plot_density(density, folder / "feature_density.png", name)
-            rows[i] = {"trainer": name, **metrics}
+            rows[i] = {"trainer": name, **metrics, "massive_share": metrics["massive_tokens"]["share_dropped"],
+                       "fve_all_tokens": metrics["all_tokens"]["frac_variance_explained"]}  # fmt: skip
             if (folder / "training_log.jsonl").exists():
                 logs[name] = read_jsonl(folder / "training_log.jsonl")
     rows = [rows[i] for i in sorted(rows)]  # the order of `saes`

@@ -31,7 +31,7 @@ from .grads import (
     sparse_grads,
 )
 from .jumprelu import SPARSITY_MODES, sparsity_loss
-from .metrics import fve
+from .metrics import ReconstructionStats, fve
 from .utils import default_device, dtype_name, parse_dtype
 
 BACKWARDS = ("auto", "sparse", "dense", "autograd")
@@ -417,6 +417,19 @@ class JumpReluTrainer:
             "sparsity_coeff": coeff,
             "dead_latents": float(dead),
         }
+
+    @torch.no_grad()
+    def validate(self, x: torch.Tensor, chunk: int = 1024) -> dict:
+        """Held-out metrics of the SAE as it stands, on raw activations x [N, d] (normalised like the
+        training batches): l0, frac_variance_explained (standard), frac_variance_explained_centred, mse
+        (metrics.py), `chunk` rows at a time."""
+        stats = ReconstructionStats(self.cfg.activation_dim, self.cfg.dict_size, device=self.device)
+        for i in range(0, len(x), chunk):
+            xi = self._prepare(self.step, x[i : i + chunk])
+            f = self.ae.encode(xi)
+            stats.update(xi, self.ae.decode(f), f)
+        m = stats.compute()
+        return {k: m[k] for k in ("l0", "frac_variance_explained", "frac_variance_explained_centred", "mse")}
 
     def dead_fraction(self, batch_rows: int) -> torch.Tensor:
         """Fraction of latents silent for the last dead_window tokens (resolved from the first batch)."""

@@ -140,6 +140,7 @@ class _Run:
         n = max(self.acc.get("n", 0), 1)
         vals = {**{k: self.acc[k] / n for k in AVERAGED if k in self.acc}, **self.acc.get("now", {})}
         line = {"step": step, "tokens": tokens, **{LOG_KEYS.get(k, k): v for k, v in vals.items()}}
+        line.update({f"val_{LOG_KEYS.get(k, k)}": v for k, v in self.acc.get("val", {}).items()})
         with open(self.dir / LOG_FILE, "a") as f:
             f.write(json.dumps(line) + "\n")
         self.acc, self.last = {}, line
@@ -213,6 +214,11 @@ def _run_config(trainer, run_meta: dict, norm_factor, schedule: dict) -> dict:
         "site": meta.get("site"),
         "dataset_path": meta.get("dataset"),
         "context_size": buf.get("ctx_len") if isinstance(buf, dict) else None,
+        "prepend_bos": buf.get("prepend_bos") if isinstance(buf, dict) else None,
+        "max_norm_multiple": buf.get("max_norm_multiple", meta.get("max_norm_multiple"))
+        if isinstance(buf, dict)
+        else None,
+        "massive_tokens": buf.get("massive_tokens") if isinstance(buf, dict) else None,
         "norm_factor": norm_factor,
         "schedule": schedule,
         "run_meta": meta,
@@ -264,8 +270,9 @@ def _log_step(runs: list[_Run], step: int, tokens: int, hist: bool) -> list[str]
     for i, r in enumerate(runs):
         if r.active and step > r.start:
             ln = r.log_line(step, tokens)
+            val = f" val fve {ln['val_fve']:.3f}" if "val_fve" in ln else ""
             post.append(
-                f"{i}: loss {ln['loss']:.3g} L0 {ln['l0']:.1f} fve {ln['fve']:.3f} dead {ln['dead']:.2f}"
+                f"{i}: loss {ln['loss']:.3g} L0 {ln['l0']:.1f} fve {ln['fve']:.3f}{val} dead {ln['dead']:.2f}"
             )
             if r.wandb is not None:
                 point = {k: v for k, v in ln.items() if k != "step"}
@@ -293,6 +300,8 @@ def trainSAE(
     wandb_project: str = "sae-factory",
     wandb_entity: str | None = None,
     hist_every: int | None = None,
+    validation: torch.Tensor | None = None,
+    eval_every: int | None = None,
     progress: bool = True,
 ) -> list[str]:
     """Train every trainer of a sweep on the same batches x [B, d] drawn once from `data`.
@@ -304,6 +313,9 @@ def trainSAE(
     log_spaced_steps). resume: continue from checkpoints/latest; overwrite: delete existing run folders.
     hist_every: steps between wandb feature-density histograms, each over the tokens since the last
     (default 10 * log_every).
+    validation: held-out raw activations [N, d] (e.g. from the validation split); every eval_every steps
+    (default log_every) and at the end, each trainer's L0, both FVE definitions and MSE on them go
+    into the next log line as val_l0, val_fve, val_fve_centred, val_mse (JSONL, progress bar, wandb).
     Returns the folders of the trainers that finished (failed ones hold FAILED.json).
     Raises DataExhaustedError if the data runs out first, SystemExit(130/143) on SIGINT/SIGTERM (both
     after saving a checkpoint).
@@ -414,6 +426,7 @@ def trainSAE(
             prev = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         snaps = set(log_spaced_steps(steps) if snapshot_steps is None else snapshot_steps)
         hist_every = hist_every or 10 * log_every
+        eval_every = eval_every or log_every
         t0, tokens0, step, exhausted = time.time(), tokens, start, None
         while step < steps:
             try:  # distributed: all ranks agree on stop / data exhausted; sweep mode: the global batch
@@ -444,6 +457,10 @@ def trainSAE(
                         r.accumulate(out)
             step += 1
             bar.update(n_tokens)
+            if validation is not None and writes and (step % eval_every == 0 or step == steps):
+                for r in runs:
+                    if r.active and step > r.start:
+                        r.acc["val"] = r.trainer.validate(validation)
             if not ctx.any(any(r.active for r in runs)):
                 raise RuntimeError(
                     f"every trainer failed (non-finite loss) by step {step}; see FAILED.json in {base}"
@@ -484,7 +501,8 @@ def trainSAE(
             if r.active and writes:
                 tmp = r.dir / f".final.tmp-{os.getpid()}"
                 shutil.rmtree(tmp, ignore_errors=True)
-                r.trainer.save(tmp, extra_cfg={**r.cfg, "tokens": tokens})
+                massive = {"massive_tokens": data.massive} if hasattr(data, "massive") else {}  # as applied
+                r.trainer.save(tmp, extra_cfg={**r.cfg, "tokens": tokens, **massive})
                 for f in tmp.iterdir():
                     os.replace(f, r.dir / f.name)
                 tmp.rmdir()

@@ -487,3 +487,89 @@ def test_embedded_smollm2(embedded_model):
     assert len(x) == int(keep.sum())
     ref = hidden(hf, ids)[2]
     torch.testing.assert_close(x, ref[idx[:, 0], idx[:, 1]], atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------- BOS and massive tokens
+
+
+def test_gemma2_windows_start_with_bos_and_no_bos_is_yielded(gemma, bos_tok):
+    """A Gemma-style tokenizer (adds BOS): every packed window the model sees starts with BOS, and no
+    BOS position reaches a batch (the index of every yielded row points at a non-BOS token)."""
+    nm, hf = gemma
+    seen = []
+    handle = hf.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True
+    )
+    try:
+        buf = ActivationBuffer(TEXTS, nm, 1, ctx_len=16, n_ctxs=4, refresh_batch_size=3, return_index=True)
+        x, idx, _ = drain(buf)
+    finally:
+        handle.remove()
+    ids = torch.cat(seen)
+    assert len(ids) == buf.stream.st["contexts"] > 1
+    assert (ids[:, 0] == bos_tok.bos_token_id).all()
+    assert buf.config["prepend_bos"] is True
+    yielded = ids[idx[:, 0], idx[:, 1]]
+    assert not (yielded == bos_tok.bos_token_id).any() and (idx[:, 1] > 0).all()
+    assert len(x) == int((ids != bos_tok.bos_token_id).logical_and(ids != bos_tok.eos_token_id).sum())
+
+
+def planted(tok, scale: float = 1000.0):
+    """A tiny Llama whose embedding of the first token of "Aspirin" is `scale` times larger, so the
+    residual stream carries a massive activation at every such position (as SmolLM2 layer 15 does at
+    a few tokens). Returns (nnsight model, hf model, token id)."""
+    nm, hf = tiny("llama", tok)
+    target = tok("Aspirin", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        hf.model.embed_tokens.weight[target] *= scale
+    return nm, hf, target
+
+
+def test_massive_tokens_are_dropped_recorded_and_kept_out_of_the_norm_factor(tok):
+    from dictionary_learning.trainer import estimate_norm_factor
+
+    nm, hf, target = planted(tok)
+    kw = dict(ctx_len=16, n_ctxs=64, refresh_batch_size=8, out_batch_size=7, return_index=True)
+    buf = ActivationBuffer(TEXTS, nm, 1, **kw)
+    x, idx, _ = drain(buf)
+    everything, all_idx, _ = drain(ActivationBuffer(TEXTS, nm, 1, max_norm_multiple=None, **kw))
+    ids, keep = pack_texts(TEXTS, tok, 16)
+    ref = hidden(hf, ids)[2]  # plain transformers forward: layer 1's output
+    planted_at = {(c, p) for c, p in keep.nonzero().tolist() if ids[c, p] == target}
+    assert len(planted_at) == sum(t.count("Aspirin") for t in TEXTS) > 0
+    # exactly the planted positions are gone; the rest are the model's activations there
+    assert {tuple(i) for i in all_idx.tolist()} == set(map(tuple, keep.nonzero().tolist()))
+    assert {tuple(i) for i in idx.tolist()} == set(map(tuple, keep.nonzero().tolist())) - planted_at
+    torch.testing.assert_close(x, ref[idx[:, 0], idx[:, 1]], atol=1e-5, rtol=0)
+    m = buf.massive
+    assert (
+        m["dropped"] == len(planted_at)
+        and m["of_tokens"] == len(everything)
+        and m["max_norm_multiple"] == 10.0
+    )
+    limit = m["max_norm"]["blocks.1.hook_resid_post"]
+    planted_norms = torch.stack([ref[c, p] for c, p in planted_at]).norm(dim=1)
+    assert x.norm(dim=1).max() < limit < planted_norms.min()  # ordinary tokens below it, planted above
+    assert buf.config["massive_tokens"]["dropped"] == len(planted_at)
+    # the norm factor sqrt(E‖x‖²) is that of the ordinary tokens; without the rule, the planted set it
+    kept = torch.stack([ref[c, p] for c, p in set(map(tuple, keep.nonzero().tolist())) - planted_at])
+    want = kept.double().pow(2).sum(1).mean().sqrt().item()
+    assert estimate_norm_factor([x]) == pytest.approx(want, rel=1e-6)
+    assert estimate_norm_factor([everything]) > 5 * want
+
+
+def test_massive_rule_resumes_exactly(tok):
+    """The threshold is part of the buffer state: a resumed buffer drops the same tokens and counts."""
+    nm, _, _ = planted(tok)
+    kw = dict(ctx_len=16, n_ctxs=8, refresh_batch_size=3, out_batch_size=5)
+    whole_buf = ActivationBuffer(TEXTS, nm, 1, **kw)
+    whole, _, _ = drain(whole_buf)
+    a = ActivationBuffer(TEXTS, nm, 1, **kw)
+    head = [next(a) for _ in range(6)]
+    state = json.loads(json.dumps(a.state_dict()))
+    b = ActivationBuffer(TEXTS, nm, 1, **kw)
+    b.load_state_dict(state)
+    assert state["max_norm"] is not None and b.massive == a.massive
+    tail, _, _ = drain(b)
+    torch.testing.assert_close(torch.cat([*head, tail]), whole, rtol=0, atol=0)
+    assert b.massive == whole_buf.massive and whole_buf.massive["dropped"] > 0

@@ -255,6 +255,96 @@ def test_only_real_positions_are_patched_and_mean_is_over_reference_tokens(tiny_
         torch.testing.assert_close(reps[2][keep], mean.expand(int(keep.sum()), D), rtol=1e-6, atol=1e-7)
 
 
+@pytest.fixture(scope="module")
+def planted_model(tiny_model_dir, tmp_path_factory):
+    """The tiny model with the embedding of "fever" 1000x larger: a massive activation in the residual
+    stream at every "fever" (as SmolLM2 layer 15 has at a few tokens). (nnsight model, hf, token id)."""
+    from transformers import AutoModelForCausalLM
+
+    from dictionary_learning.utils import load_language_model
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = tiny_tokenizer()
+    target = tok.convert_tokens_to_ids("fever")
+    with torch.no_grad():
+        hf.get_input_embeddings().weight[target] *= 1000
+    out = tmp_path_factory.mktemp("planted")
+    hf.save_pretrained(out)
+    tok.save_pretrained(out)
+    model = load_language_model(str(out), device="cpu", dtype="float32")
+    return model, model._module, target
+
+
+def test_massive_tokens_left_out_of_the_headline_and_reported_in_all_tokens(planted_model):
+    """Planted massive tokens: the headline metrics are those of the other real tokens, all_tokens
+    those of every real token, each checked against a direct computation from a plain forward."""
+    model, hf, target = planted_model
+    sae = random_sae()
+    r = ev.evaluate(sae, model, LAYER, "resid_post", TEXTS, **KW)
+    ids, real = ev.select_contexts(TEXTS, model.tokenizer, 32, 10**9)
+    got = {}
+    handle = hf.model.layers[LAYER].register_forward_hook(lambda mod, inp, out: got.update(act=out))
+    try:
+        with torch.no_grad():
+            logits = hf(ids).logits
+    finally:
+        handle.remove()
+    act = got["act"][0] if isinstance(got["act"], tuple) else got["act"]
+    W = r["n_contexts"]
+    ref_norms = act[W:][real[W:]].norm(dim=-1)  # the reference windows: those after the scored ones
+    limit = 10 * ref_norms.median()
+    act, logits, ids, real = act[:W], logits[:W], ids[:W], real[:W]
+    massive = real & (act.norm(dim=-1) > limit)
+    assert torch.equal(massive, real & (ids == target))  # the rule finds exactly the planted tokens
+    assert r["massive_tokens"]["dropped"] == int(massive.sum()) > 0
+    assert r["massive_tokens"]["max_norm"]["blocks.1.hook_resid_post"] == pytest.approx(
+        float(limit), rel=1e-5
+    )
+
+    def fve(x):
+        with torch.no_grad():
+            x_hat = sae(x)
+        return float(1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+    kept = real & ~massive
+    assert r["n_tokens"] == int(kept.sum()) and r["all_tokens"]["n_tokens"] == int(real.sum())
+    assert r["frac_variance_explained"] == pytest.approx(fve(act[kept]), rel=1e-4)
+    assert r["all_tokens"]["frac_variance_explained"] == pytest.approx(fve(act[real]), rel=1e-4)
+    assert r["all_tokens"]["frac_variance_explained"] != pytest.approx(r["frac_variance_explained"], abs=0.01)
+    # clean next-token loss over the positions whose next token is kept / real
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert r["loss_original"] == pytest.approx(float(-logp[kept[:, 1:]].mean()), rel=1e-5)
+    assert r["all_tokens"]["loss_original"] == pytest.approx(float(-logp[real[:, 1:]].mean()), rel=1e-5)
+
+
+def test_bos_first_windows_are_never_scored(tiny_model, monkeypatch):
+    """prepend_bos (the default for Gemma's tokenizer; forced here): every window starts with BOS, and
+    no BOS position is scored, counted in the reference or patched."""
+    seen = []
+    real = ev.traced_forward
+
+    def spy(model, envoy, site, input_ids, replacement=None, stop_at_hook=False):
+        act, logits = real(model, envoy, site, input_ids, replacement, stop_at_hook)
+        seen.append(("reference" if stop_at_hook else "clean" if replacement is None else "patched",
+                     input_ids, act if replacement is None else replacement))  # fmt: skip
+        return act, logits
+
+    monkeypatch.setattr(ev, "traced_forward", spy)
+    r = ev.evaluate(random_sae(), tiny_model, LAYER, "resid_post", TEXTS, prepend_bos=True, **KW)
+    tok = tiny_model.tokenizer
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    assert r["prepend_bos"] is True and r["massive_tokens"]["dropped"] == 0
+    assert all((ids[:, 0] == bos).all() for kind, ids, _ in seen if kind != "patched")
+    ordinary = lambda kind: sum(int(((ids != bos) & (ids != eos)).sum()) for k, ids, _ in seen if k == kind)
+    assert r["n_tokens"] == ordinary("clean") and r["mean_ablation"]["n_tokens"] == ordinary("reference")
+    clean = [(ids, act) for kind, ids, act in seen if kind == "clean"]
+    patched = [rep for kind, _, rep in seen if kind == "patched"]
+    assert len(patched) == 3 * len(clean)
+    for i, (ids, act) in enumerate(clean):
+        for rep in patched[3 * i : 3 * i + 3]:
+            assert torch.equal(rep[ids == bos], act[ids == bos])  # BOS is never patched
+
+
 def test_results_do_not_depend_on_batch_size(tiny_model):
     sae = random_sae()
     runs = [
@@ -400,7 +490,8 @@ def test_cli_evaluates_a_sweep_and_writes_reports(trained_run, monkeypatch):
 
     run_dir = root / "runs"
     assert eval_report.main([str(run_dir), "--n-tokens", "300", "--batch-size", "4", "--no-progress"]) == 0
-    assert splits == ["validation"] and len(loads) == 1  # held-out text; the model loaded once
+    # held-out text scored; the train split only for the reference tokens (mean ablation, median norm)
+    assert splits == ["validation", "train"] and len(loads) == 1  # the model loaded once
     assert groups == [2]  # same model, hook and data: both SAEs share one evaluation
 
     rows = list(csv.DictReader(open(run_dir / "eval_summary.csv")))
@@ -416,13 +507,23 @@ def test_cli_evaluates_a_sweep_and_writes_reports(trained_run, monkeypatch):
         assert load_file(d / "sparsity.safetensors")["sparsity"].shape == (res["dict_size"],)
         assert_png(d / "feature_density.png")
     md = (run_dir / "eval_summary.md").read_text().splitlines()
-    assert len(md) == 4 and md[0].startswith("| trainer |") and "frac_recovered_mean" in md[0]
+    assert len(md) == 6 and md[0].startswith("| trainer |") and md[4] == ""
+    assert "FVE (standard)" in md[0] and "FVE (centred)" in md[0] and "loss rec. (mean abl.)" in md[0]
+    assert "SAELens, SAEBench" in md[5] and "dictionary_learning" in md[5]  # the definitions are named
     assert all(d.name in "".join(md) for d in dirs)
+    for d, line in zip(sorted(dirs), md[2:4]):  # metric [95% interval] cells, from eval_results.json
+        res = json.loads((d / "eval_results.json").read_text())
+        lo, hi = res["frac_variance_explained_ci"]
+        assert lo <= res["frac_variance_explained"] <= hi
+        assert f"{res['frac_variance_explained']:.4f} [{lo:.4f}, {hi:.4f}]" in line
+    row = rows[0]
+    assert float(row["frac_variance_explained_lo"]) <= float(row["frac_variance_explained"])
     for name in ("frontier_fve.png", "frontier_loss_recovered.png", "training_curves.png"):
         assert_png(run_dir / name)
 
     # the CLI's numbers are evaluate()'s on the same validation texts
     texts = real_load_texts(str(root / "texts.txt"), split="validation", seed=0, validation_fraction=0.1)
+    train = real_load_texts(str(root / "texts.txt"), split="train", seed=0, validation_fraction=0.1)
     res = json.loads((dirs[0] / "eval_results.json").read_text())
     from dictionary_learning.utils import load_language_model
 
@@ -432,6 +533,7 @@ def test_cli_evaluates_a_sweep_and_writes_reports(trained_run, monkeypatch):
         LAYER,
         "resid_post",
         texts,
+        mean_texts=train,
         n_tokens=300,
         batch_size=2,
         ctx_len=32,
@@ -460,6 +562,7 @@ def test_cli_evaluates_an_external_npz_by_the_same_procedure(trained_run, tmp_pa
             str(root / "texts.txt"),
             "--ctx-len",
             "32",
+            "--no-prepend-bos",  # a params.npz defaults to Gemma Scope's protocol: BOS first
             *args,
         ]
     )
@@ -475,7 +578,7 @@ def test_eval_groups_share_model_hook_and_data_only():
     from dictionary_learning import eval_report
 
     base = dict(model="m", layer=1, site="resid_post", dataset="d", seed=0, validation_fraction=0.1)
-    base.update(ctx_len=32, exclude_first_k=0)
+    base.update(ctx_len=32, exclude_first_k=0, prepend_bos=False, max_norm_multiple=10.0)
     settings = [
         base,
         {**base, "layer": 2},
@@ -485,9 +588,11 @@ def test_eval_groups_share_model_hook_and_data_only():
         {**base, "exclude_first_k": 1},
         {**base, "seed": 1},  # another validation split
         dict(base),
+        {**base, "prepend_bos": True},
+        {**base, "max_norm_multiple": None},
     ]
-    assert eval_report.eval_groups(settings, 16) == [[2], [0, 3, 7], [1], [4], [5], [6]]
-    assert eval_report.eval_groups(settings, 2) == [[2], [0, 3], [7], [1], [4], [5], [6]]
+    assert eval_report.eval_groups(settings, 16) == [[2], [0, 3, 7], [1], [4], [5], [6], [8], [9]]
+    assert eval_report.eval_groups(settings, 2) == [[2], [0, 3], [7], [1], [4], [5], [6], [8], [9]]
 
 
 def test_cli_bad_run_dir_exits_2_with_one_line(tmp_path):
