@@ -385,13 +385,20 @@ def evaluate_run(run_dir: Path, cfg: DemoConfig, args) -> list[dict]:
 
 
 def print_summary(rows: list[dict]) -> None:
-    print(f"\n{'width':>7} {'L0':>8} {'FVE':>7} {'loss rec. (mean abl.)':>22}  folder")
+    """The headline table: FVE in both definitions (standard = SAELens/SAEBench, centred =
+    dictionary_learning), delta loss and loss recovered vs mean ablation, with 95% intervals."""
+    num = lambda v: "n/a" if v is None else f"{v:.3f}"
+    ci = lambda r, k: (
+        num(r.get(k)) + (" [{}, {}]".format(*map(num, r[k + "_ci"])) if r.get(k + "_ci") else "")
+    )
+    print(f"\n{'width':>7} {'L0':>7} {'FVE standard [95%]':>24} {'FVE centred':>11} {'delta loss':>10} "
+          f"{'loss rec. mean abl. [95%]':>26} {'massive':>8}  folder")  # fmt: skip
     for r in rows:
         width = r.get("dict_size") or r.get("d_sae") or "?"
-        print(
-            f"{width:>7} {r['l0']:8.1f} {r['frac_variance_explained']:7.3f} "
-            f"{r['frac_recovered_mean']:22.3f}  {r['folder']}"
-        )
+        massive = (r.get("massive_tokens") or {}).get("share_dropped", 0.0)
+        print(f"{width:>7} {r['l0']:7.1f} {ci(r, 'frac_variance_explained'):>24} "
+              f"{num(r.get('frac_variance_explained_centred')):>11} {num(r.get('delta_loss')):>10} "
+              f"{ci(r, 'frac_recovered_mean'):>26} {massive:8.2%}  {r['folder']}")  # fmt: skip
 
 
 def run(cfg: DemoConfig, args) -> list[dict] | None:
