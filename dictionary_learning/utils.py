@@ -134,13 +134,35 @@ def read_json(path: str | os.PathLike):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+def utf8_error(path: str | os.PathLike) -> ValueError:
+    """The error for a file that failed to decode as UTF-8: one line naming the file and the line (counted
+    by newlines) of its first invalid byte."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return ValueError(
+                    f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)"
+                )
+    return ValueError(f"{path}: not valid UTF-8")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's contents; invalid UTF-8 gets a one-line error naming the file and line."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise utf8_error(path) from None
+
+
 def read_jsonl(path: str | os.PathLike) -> list:
     """Read a JSON-lines file (blank lines skipped); a bad line gets an error naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
