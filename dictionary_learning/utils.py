@@ -178,6 +178,40 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str | None) -> str:
+    """`device` (None: default_device()) if torch can use it; else ValueError, one line (no GPU visible,
+    an index past the visible GPUs, an unknown name)."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r} (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("no GPU is visible to torch (torch.cuda.is_available() is False)")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"only {n} GPU(s) visible (cuda:0..cuda:{n - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("the MPS backend is not available")
+    return device
+
+
+CUDA_ALLOC_DEFAULT = "expandable_segments:True"
+
+
+def cuda_alloc_conf(device: str | None, env=os.environ) -> str | None:
+    """On CUDA, set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less fragmentation in long runs, as
+    the original pipeline did) unless the user set it or PYTORCH_ALLOC_CONF. Call before the first CUDA
+    allocation. Returns the value in force, None when unset."""
+    if str(device).startswith("cuda") and not any(
+        env.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+    ):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOC_DEFAULT
+    return env.get("PYTORCH_CUDA_ALLOC_CONF")
+
+
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -254,6 +288,11 @@ def resolve_model(name: str) -> str:
     a local folder, or a Hub id (returned unchanged)."""
     if name in EMBEDDED_ALIASES:
         return str(prepare_embedded_model())
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_local:  # a path, not a Hub id 'org/name'
+        if not Path(name).expanduser().is_dir():
+            raise FileNotFoundError(f"{name}: no such model folder")
+        return str(Path(name).expanduser())
     return name
 
 
