@@ -26,7 +26,7 @@ from numbers import Integral
 from pathlib import Path
 from typing import NamedTuple
 
-from dictionary_learning.utils import read_jsonl, write_dir_atomic, write_json
+from dictionary_learning.utils import read_json, read_jsonl, read_text, write_dir_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -393,12 +393,12 @@ def _texts_of(rows, where: str) -> list[str]:
 def _read_text_file(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if suffix == ".jsonl":
         return _texts_of(read_jsonl(path), str(path))
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
         if not isinstance(data, list):
@@ -435,6 +435,8 @@ def load_texts(spec: str, split: str = "train", seed: int = 0, validation_fracti
     """Texts from "sample" / "hub" (built here), a folder written by `python dataset.py --out`, a
     .jsonl/.json/.txt/.parquet file with a `text` field, or a Hub dataset id with a `text` column."""
     spec = str(spec)
+    if spec == "hub":  # the callers' flag is --dataset (dataset.py's own --source hub has its hint)
+        check_hub_reachable("use --dataset sample (the shipped sample) or a local file")
     if spec in ("sample", "hub"):
         splits = logged_splits(spec, seed, validation_fraction)  # no Arrow round trip
         if split not in splits:
@@ -468,13 +470,46 @@ def load_texts(spec: str, split: str = "train", seed: int = 0, validation_fracti
 # ---------------------------------------------------------------------------- saving, CLI
 
 
-def save_dataset(dd, out_dir: str | os.PathLike, meta: dict) -> Path:
-    """save_to_disk + parquet/<split>.parquet + summary.json, written to a temp folder then renamed."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / "dataset_dict.json").exists():
+def _check_out(out: Path, overwrite: bool) -> None:
+    """An existing --out folder is replaced only with --overwrite, only when dataset.py wrote it, and
+    only when it holds nothing else (files of the user's are named, never deleted)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder; choose another --out")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / "dataset_dict.json").exists():
         raise FileExistsError(
             f"{out}: exists and is not a dataset folder written by dataset.py; choose another --out"
         )
+    if not overwrite:
+        raise FileExistsError(
+            f"{out}: already holds a dataset; pass --overwrite to replace it, or another --out"
+        )
+    ours = {
+        "dataset_dict.json",
+        "summary.json",
+        "parquet",
+        *read_json(out / "dataset_dict.json").get("splits", []),
+    }
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    if others:
+        raise FileExistsError(
+            f"{out}: holds files dataset.py did not write ({', '.join(others[:5])}); move them out "
+            "before --overwrite replaces the folder"
+        )
+
+
+def save_dataset(dd, out_dir: str | os.PathLike, meta: dict, overwrite: bool = False) -> Path:
+    """save_to_disk + parquet/<split>.parquet + summary.json, written to a temp folder then renamed.
+    An existing folder: see _check_out. Every split must hold records (an empty one cannot be loaded back)."""
+    out = Path(out_dir)
+    for split, d in dd.items():
+        if len(d) == 0:
+            raise ValueError(
+                f"split {split!r} is empty: a folder with an empty split cannot be loaded back; "
+                "add records or raise --validation-fraction"
+            )
+    _check_out(out, overwrite)
 
     def write(tmp: Path) -> None:
         dd.save_to_disk(str(tmp))
@@ -505,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         help="shipped offline sample (default) or the full Hub datasets",
     )
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (save_to_disk + parquet/)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder at --out")
     p.add_argument(
         "--push-to-hub", metavar="REPO_ID", help="also push the DatasetDict (token: HF_TOKEN or login)"
     )
@@ -519,6 +555,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if not 0 < args.validation_fraction < 1:
+            raise ValueError(
+                f"--validation-fraction {args.validation_fraction:g}: must be > 0 and < 1 "
+                "(the held-out split the evaluation reads)"
+            )
+        _check_out(Path(args.out), args.overwrite)  # before any work
         if args.push_to_hub:
             check_hub_reachable("drop --push-to-hub, or retry when online")
         splits, summary = build_splits(
@@ -542,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
             "git_commit": git_commit(),
             "versions": package_versions(),
         }
-        out = save_dataset(dd, args.out, meta)
+        out = save_dataset(dd, args.out, meta, overwrite=args.overwrite)
         print(f"saved {out} (train {len(dd['train'])}, validation {len(dd['validation'])})")
         if args.push_to_hub:
             push(dd, args.push_to_hub, private=args.private)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from .buffer import DataExhausted, massive_record, seeded_generator
 from .utils import atomic_path, dtype_name, package_versions, parse_dtype, read_json, write_json
@@ -47,14 +48,18 @@ def write_cache(
     meta: dict | None = None,
     shard_rows: int = 1 << 16,
     overwrite: bool = False,
+    progress: bool = False,
+    reread: bool = False,
 ) -> dict:
     """Write up to `n_tokens` activation vectors from `source` to `out_dir`; returns the manifest.
 
     source: an ActivationBuffer (its config fills the manifest) or any iterable of [B, d]
     tensors. meta: manifest fields (model, hook, layer, site, ctx_len, ...) that override the
-    buffer's. If the data runs out first, what was harvested is written, a warning is logged
-    and the manifest says `"exhausted": true` with the counts. Shards are written atomically and
-    the manifest last, so a folder without manifest.json is an incomplete write.
+    buffer's. If the data runs out first, what was harvested is written, the manifest says
+    `"exhausted": true` with the counts, and a warning is logged (INFO with reread=True: the cache
+    holds all the data and will be re-read for several epochs, as planned). Shards are written
+    atomically and the manifest last, so a folder without manifest.json is an incomplete write.
+    progress: a bar of tokens harvested against n_tokens, with tok/s.
     """
     out = Path(out_dir)
     if (out / MANIFEST).exists() and not overwrite:
@@ -80,6 +85,7 @@ def write_cache(
             {"file": path.name, "rows": len(rows), "bytes": path.stat().st_size, "sha256": _sha256(path)}
         )
 
+    bar = tqdm(total=n_tokens, desc="harvest", unit="tok", unit_scale=True, disable=not progress)
     while written + n_pending < n_tokens:
         try:
             x = next(it)
@@ -97,6 +103,7 @@ def write_cache(
         if x.shape[1] != d or x.dtype != dtype:
             raise ValueError(f"write_cache: batch of shape {tuple(x.shape)} {x.dtype} after [*, {d}] {dtype}")
         x = x[: n_tokens - written - n_pending]
+        bar.update(len(x))
         sq_sum += float(x.double().pow(2).sum())
         pending.append(x)
         n_pending += len(x)
@@ -107,9 +114,13 @@ def write_cache(
     if n_pending:
         flush(torch.cat(pending))
         written += n_pending
+    bar.close()
     if written == 0:
         raise ValueError(f"write_cache: no activations to write to {out} ({exhausted})")
-    if exhausted:
+    if exhausted and reread:
+        log.info("write_cache: the data ended after %d of %d tokens: all of it is cached, to be re-read "
+                 "for more epochs", written, n_tokens)  # fmt: skip
+    elif exhausted:
         log.warning("write_cache: data ran out after %d of %d tokens (%s)", written, n_tokens, exhausted)
     manifest = {
         "format": "sae-factory-activation-cache",
@@ -155,6 +166,28 @@ def _resolve(path_or_repo, revision=None, token=None) -> Path:
         ) from None
 
 
+def _shard_path(cache_dir: Path, i: int, shard) -> Path:
+    """The path of manifest shard entry i, refused (ValueError naming the manifest) unless its `file` is a
+    plain file name that resolves inside the cache folder: caches come from the Hub, so an absolute
+    name, '..' or a symlink out of the folder must not make us read (or stat) any other file. A Hub
+    download folder (`.../snapshots/<rev>/`) links its files to `../../blobs/`: its repo folder is the
+    bound."""
+    where = f"{cache_dir / MANIFEST}: shard {i}"
+    for key, kind in (("file", str), ("rows", int), ("bytes", int), ("sha256", str)):
+        if not isinstance(shard, dict) or not isinstance(shard.get(key), kind):
+            raise ValueError(f"{where}: field {key!r} is missing or not a {kind.__name__}")
+    name = shard["file"]
+    if name in ("", ".", "..") or "/" in name or "\\" in name or Path(name).is_absolute():
+        raise ValueError(f"{where}: file {name!r} is outside the cache folder (plain file names only)")
+    bound = cache_dir.resolve()
+    if bound.parent.name == "snapshots":
+        bound = bound.parent.parent
+    p = cache_dir / name
+    if not p.resolve().is_relative_to(bound):
+        raise ValueError(f"{where}: file {name!r} is a link to outside the cache folder")
+    return p
+
+
 class ActivationCache:
     """Shuffled [batch_size, d] batches from a cache folder or Hub dataset repo.
 
@@ -184,8 +217,8 @@ class ActivationCache:
         self.manifest = m = read_json(self.dir / MANIFEST)
         if m.get("format") != "sae-factory-activation-cache" or not m.get("shards"):
             raise ValueError(f"{self.dir / MANIFEST}: not an activation-cache manifest")
-        for s in m["shards"]:
-            p = self.dir / s["file"]
+        paths = [_shard_path(self.dir, i, s) for i, s in enumerate(m["shards"])]  # before any stat
+        for s, p in zip(m["shards"], paths):
             if not p.is_file():
                 raise FileNotFoundError(f"{p}: shard listed in the manifest is missing")
             if p.stat().st_size != s["bytes"]:
@@ -235,7 +268,7 @@ class ActivationCache:
     def load_shard(self, i: int) -> torch.Tensor:
         """Shard i -> [rows, d], checked against the manifest (a bad file gets an error naming it)."""
         s = self.manifest["shards"][i]
-        p = self.dir / s["file"]
+        p = _shard_path(self.dir, i, s)
         if self.verify and i not in self._verified:  # hash each shard once, not every epoch
             if _sha256(p) != s["sha256"]:
                 raise ValueError(f"{p}: sha256 does not match the manifest (corrupted or replaced shard)")

@@ -6,7 +6,9 @@ checkpoints/latest/ of a run (written by save_checkpoint, read by read_checkpoin
   data_state.json       DataStream.state(): the data object's state_dict() (+ batches to skip) or a
                         count of consumed batches (plain iterators are fast-forwarded)
   meta.json             {"trainer": trainer meta, "loop": step, tokens, norm factor, log accumulators,
-                        RNGs, ...}; written last, so a folder with meta.json is complete
+                        RNGs, ...}; written last
+The folder is written beside and swapped in (utils.write_dir_atomic), so a kill leaves `latest` or
+`latest.old` complete; read_checkpoint checks every file and key, and falls back to `.old` or stops.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import random
+import shutil
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,14 +53,77 @@ def save_checkpoint(path: Path, trainer, loop: dict, data_state: dict) -> None:
     write_dir_atomic(path, write)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder is damaged (missing file, truncated tensors, missing key) and no complete
+    `.old` is there to fall back to; str() is one line naming the file."""
+
+
+# keys trainSAE reads back: the trainer's (JumpReluTrainer.load_state_dict) and the loop's
+TRAINER_META_KEYS = ("format", "config", "step", "tokens_seen")
+LOOP_KEYS = ("step", "tokens", "norm_factor", "acc", "last", "rng", "wandb_id")
+TRAINER_TENSORS = ("tokens_since_fired", "rng.generator")
+
+
+def _load_checkpoint_dir(p: Path) -> tuple[dict, dict, dict, dict]:
+    """One checkpoint folder, fully checked; CheckpointError (naming the file) when it is not complete."""
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: not a folder")
+    try:
+        meta, data_state = read_json(p / "meta.json"), read_json(p / "data_state.json")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+    for part, keys in (("trainer", TRAINER_META_KEYS), ("loop", LOOP_KEYS)):
+        if not isinstance(meta, dict) or not isinstance(meta.get(part), dict):
+            raise CheckpointError(f"{p / 'meta.json'}: missing key {part!r}")
+        missing = [f"{part}.{k}" for k in keys if k not in meta[part]]
+        if missing:
+            raise CheckpointError(f"{p / 'meta.json'}: missing key {missing[0]!r}")
+    if not isinstance(data_state, dict) or "kind" not in data_state:
+        raise CheckpointError(f"{p / 'data_state.json'}: missing key 'kind'")
+    try:
+        tensors = load_file(p / "trainer.safetensors")
+    except Exception as e:  # noqa: BLE001 - missing, truncated, not safetensors: one line naming the file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{p / 'trainer.safetensors'}: unreadable ({first})") from None
+    missing = [k for k in TRAINER_TENSORS if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{p / 'trainer.safetensors'}: missing tensor {missing[0]!r}")
+    return tensors, meta["trainer"], meta["loop"], data_state
+
+
 def read_checkpoint(path: Path) -> tuple[dict, dict, dict, dict] | None:
-    """(trainer tensors, trainer meta, loop state, data state) from `path` or `path.old`, else None."""
-    for p in (Path(path), Path(path).with_name(Path(path).name + ".old")):
-        if (p / "meta.json").exists():
-            meta = read_json(p / "meta.json")
-            tensors = load_file(p / "trainer.safetensors")
-            return tensors, meta["trainer"], meta["loop"], read_json(p / "data_state.json")
-    return None
+    """(trainer tensors, trainer meta, loop state, data state) from `path`, else from `path.old`; None
+    when neither folder exists (no checkpoint yet).
+
+    A damaged `path` (a file missing, truncated tensors, a key missing) is never read as "no checkpoint":
+    with a complete `path.old` beside it, it is moved to `path.damaged` (so that the next
+    write_dir_atomic cannot delete the good `.old` first) and `.old` is returned; without one,
+    CheckpointError. Nothing is overwritten or deleted."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and not old.is_dir():
+        return None
+    try:
+        return _load_checkpoint_dir(path) if path.exists() else _load_checkpoint_dir(old)
+    except CheckpointError as e:
+        damaged = e
+    if not path.exists():  # only .old, and it is damaged
+        raise CheckpointError(f"{damaged}; cannot resume: start again with overwrite=True")
+    try:
+        ck = _load_checkpoint_dir(old) if old.is_dir() else None
+    except CheckpointError:
+        ck = None
+    if ck is None:
+        raise CheckpointError(
+            f"{damaged}; cannot resume, and there is no complete {old.name} to fall back to: "
+            "start again with overwrite=True (the checkpoint is left as it is)"
+        )
+    aside = path.with_name(path.name + ".damaged")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.rename(path, aside)
+    log.warning("%s; resuming from %s (step %s); the damaged folder is kept as %s", damaged, old,
+                ck[2]["step"], aside.name)  # fmt: skip
+    return ck
 
 
 def rng_state() -> dict:

@@ -27,7 +27,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dictionary_learning.demo_config import DEFAULT_PRESET, PRESETS, DemoConfig, get_preset
+from dictionary_learning.demo_config import (
+    DEFAULT_PRESET,
+    PRESETS,
+    DemoConfig,
+    get_preset,
+    parse_value,
+    problems,
+)
 from dictionary_learning.utils import read_json
 
 log = logging.getLogger("demo")
@@ -93,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="push the trained SAEs to this Hub model repo")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
+    p.add_argument("--push-checkpoints", action="store_true",
+                   help="with --push-to-hub: also push the SAE snapshots checkpoints/step_*/")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     p.add_argument("--overwrite", action="store_true", help="replace existing run folders")
     p.add_argument("--eval-only", metavar="RUN_DIR", help="only evaluate the SAEs under RUN_DIR")
@@ -107,17 +116,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _flag(name: str, value) -> str:
+    """How a DemoConfig field is given on the command line: '--batch-size 0', '--widths 4608,9216'."""
+    flag = {"sae_batch_size": "--batch-size"}.get(name, "--" + name.replace("_", "-"))
+    return f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}"
+
+
 def build_config(args) -> DemoConfig:
-    """The preset with the command-line overrides applied; unknown presets/fields -> UsageError."""
+    """The preset with the command-line overrides applied; unknown presets/fields, values of the wrong
+    type (--set values are parsed by the field's type) or out of range -> UsageError naming the flag."""
     try:
         cfg = get_preset(args.preset)
     except ValueError as e:
         raise UsageError(str(e)) from None
     fields = {f.name: f for f in dataclasses.fields(DemoConfig)}
+    given = {}  # field -> the flag that set it, for the messages
     for name in fields:
         value = getattr(args, name, None)
         if value is not None:
             setattr(cfg, name, value)
+            given[name] = _flag(name, value)
     if args.cache_activations is not None:
         cfg.cache_activations = args.cache_activations
     for item in args.set:
@@ -125,10 +143,13 @@ def build_config(args) -> DemoConfig:
         if not sep or key not in fields:
             raise UsageError(f"--set {item!r}: unknown field {key!r}; fields: {', '.join(fields)}")
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        setattr(cfg, key, value)
+            setattr(cfg, key, parse_value(key, raw))
+        except ValueError as e:
+            raise UsageError(f"--set {e}") from None
+        given[key] = f"--set {item}"
+    for name, why in problems(cfg):
+        where = given.get(name) or f"preset {args.preset!r}: {name}={getattr(cfg, name)!r}"
+        raise UsageError(f"{where}: {why}")
     if cfg.tokens < cfg.sae_batch_size:
         raise UsageError(f"--tokens {cfg.tokens} is less than one SAE batch ({cfg.sae_batch_size})")
     return cfg
@@ -146,7 +167,11 @@ def model_shape(cfg: DemoConfig) -> tuple[int, int]:
     from dictionary_learning.utils import resolve_model
 
     try:
-        c = AutoConfig.from_pretrained(resolve_model(cfg.model))
+        path = resolve_model(cfg.model)
+    except FileNotFoundError as e:  # a local path that is not there (a Hub id is looked up below)
+        raise UsageError(f"--model {e}") from None
+    try:
+        c = AutoConfig.from_pretrained(path)
     except OSError as e:
         raise UsageError(f"--model {cfg.model!r}: config not found ({str(e).splitlines()[0]})") from None
     c = getattr(c, "text_config", c)
@@ -330,7 +355,8 @@ def activations(cfg: DemoConfig, args, model, train_texts, steps: int, out_dir: 
         )
         t0 = time.time()
         meta = {**run_meta(cfg, buf.config), "harvest_key": key}
-        m = write_cache(buf, cache_dir, n_tokens=n_tokens, meta=meta, overwrite=args.overwrite)
+        m = write_cache(buf, cache_dir, n_tokens=n_tokens, meta=meta, overwrite=args.overwrite,
+                        progress=not args.quiet and ctx.is_main, reread=cfg.max_epochs > 1)  # fmt: skip
         log.info("harvested %d tokens into %s in %.0f s", m["n_tokens"], cache_dir, time.time() - t0)
     cache = ActivationCache(
         cache_dir, batch_size=batch, seed=cfg.seed, epochs=1, max_norm_multiple=cfg.max_norm_multiple
@@ -401,6 +427,51 @@ def print_summary(rows: list[dict]) -> None:
               f"{ci(r, 'frac_recovered_mean'):>26} {massive:8.2%}  {r['folder']}")  # fmt: skip
 
 
+def preflight(cfg: DemoConfig, args) -> None:
+    """What can be checked before any data, model or folder is touched: flag clashes, the device
+    (and the CUDA allocator setting), the Hub push (repo id, online, token)."""
+    from dictionary_learning.hub import HubPushError, check_push
+    from dictionary_learning.utils import check_device, cuda_alloc_conf
+
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite: pass one, not both")
+    if args.push_checkpoints and not args.push_to_hub:
+        raise UsageError("--push-checkpoints needs --push-to-hub REPO_ID")
+    try:
+        cfg.device = check_device(cfg.device)
+    except ValueError as e:
+        raise UsageError(f"--device {cfg.device}: {e}; pick the CPU with --device cpu") from None
+    cuda_alloc_conf(cfg.device)  # expandable_segments:True unless set; before the first CUDA allocation
+    if args.push_to_hub:  # fail before hours of training, not after
+        try:
+            check_push(args.push_to_hub)
+        except HubPushError as e:
+            raise UsageError(f"--push-to-hub {args.push_to_hub}: {e}") from None
+
+
+def check_splits(cfg: DemoConfig, train_texts: list[str], need_train: bool) -> None:
+    """The evaluation reads the held-out split: an empty one fails now, not after training."""
+    from dataset import load_texts
+
+    if need_train and not train_texts:
+        raise UsageError(f"--dataset {cfg.dataset}: its train split is empty")
+    if not load_texts(cfg.dataset, "validation", seed=cfg.seed, validation_fraction=cfg.validation_fraction):
+        raise UsageError(
+            f"--dataset {cfg.dataset}: its validation split is empty (the evaluation's held-out text; "
+            f"validation_fraction {cfg.validation_fraction}): add texts, or --set validation_fraction=..."
+        )
+
+
+# the library's words for what the user typed as flags
+CLI_WORDS = {"resume=True": "--resume", "overwrite=True": "--overwrite"}
+
+
+def cli_words(msg: str) -> str:
+    for api, flag in CLI_WORDS.items():
+        msg = msg.replace(api, flag)
+    return msg
+
+
 def run(cfg: DemoConfig, args) -> list[dict] | None:
     from dataset import load_texts
     from dictionary_learning import distributed
@@ -421,6 +492,7 @@ def run(cfg: DemoConfig, args) -> list[dict] | None:
         train_texts = load_texts(
             cfg.dataset, "train", seed=cfg.seed, validation_fraction=cfg.validation_fraction
         )
+    check_splits(cfg, train_texts, need_train=not args.from_cache)
     train_texts = distributed.shard(train_texts)  # texts i with i % world_size == rank
     model = None
     if not args.from_cache:
@@ -460,7 +532,7 @@ def run(cfg: DemoConfig, args) -> list[dict] | None:
     if args.push_to_hub:
         from dictionary_learning.hub import push_to_hub
 
-        push_to_hub(out_dir, args.push_to_hub, private=args.private)
+        push_to_hub(out_dir, args.push_to_hub, private=args.private, checkpoints=args.push_checkpoints)
     log.info("all stages done in %.0f s", time.time() - t0)
     return rows
 
@@ -475,14 +547,10 @@ def main(argv=None) -> int:
         if args.plan:
             print(json.dumps(plan(cfg), indent=2))
             return 0
+        preflight(cfg, args)
         if args.eval_only:
             print_summary(evaluate_run(Path(args.eval_only), cfg, args))
             return 0
-        if args.push_to_hub:  # fail before hours of training, not after
-            from dictionary_learning.hub import hub_offline
-
-            if hub_offline():
-                raise UsageError(f"--push-to-hub {args.push_to_hub}: the Hub is offline (HF_HUB_OFFLINE=1)")
         rows = run(cfg, args)
         if rows is not None:
             print_summary(rows)
@@ -491,7 +559,7 @@ def main(argv=None) -> int:
         print(f"demo.py: error: {e}", file=sys.stderr)
         return 2
     except (ValueError, OSError, RuntimeError) as e:  # data, files, Hub, data exhausted, distributed
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = cli_words(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         log.debug("traceback", exc_info=True)
         print(f"demo.py: error: {msg}", file=sys.stderr)
         return 2

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -174,3 +178,118 @@ def get_preset(name: str) -> DemoConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[name])
+
+
+# ---------------------------------------------------------------------------- command-line values
+
+NULL = ("null", "none")
+KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def field_types() -> dict[str, object]:
+    """{field name: its annotation} of DemoConfig (int, float, str, bool, list[int], list[float], X | None)."""
+    return typing.get_type_hints(DemoConfig)
+
+
+def _split_optional(kind) -> tuple[object, bool]:
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return kind, False
+
+
+def _scalar(kind, raw: str):
+    s = raw.strip()
+    if kind is bool:
+        if s.lower() in ("true", "1", "yes", "on"):
+            return True
+        if s.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"expected {KIND_NAMES[bool]}")
+    if kind is str:
+        if s.lower() in NULL or not s:
+            raise ValueError("expected a string, not null")
+        return raw
+    try:
+        v = float(s)  # 1e6, 1_000, 0.5
+    except ValueError:
+        raise ValueError(f"expected {KIND_NAMES[kind]}") from None
+    if not math.isfinite(v) or (kind is int and not v.is_integer()):
+        raise ValueError(f"expected {KIND_NAMES[kind]}")
+    return int(v) if kind is int else v
+
+
+def parse_value(name: str, raw: str):
+    """The text of `--set NAME=RAW` as the type of DemoConfig field NAME: int, float, bool (true/false,
+    1/0, yes/no, on/off), str, a list (`4608,9216`, `4608 9216`, `[4608, 9216]` or one value), or null
+    where the field is Optional. ValueError "NAME=RAW: expected ..." (one line) when it does not fit."""
+    kind, optional = _split_optional(field_types()[name])
+    try:
+        if optional and raw.strip().lower() in (*NULL, ""):
+            return None
+        if typing.get_origin(kind) is list:
+            (item,) = typing.get_args(kind)
+            parts = raw.strip().removeprefix("[").removesuffix("]").replace(",", " ").split()
+            if not parts:
+                raise ValueError("expected a non-empty list")
+            try:
+                return [_scalar(item, p) for p in parts]
+            except ValueError:
+                what = "a list of integers" if item is int else "a list of numbers"
+                raise ValueError(
+                    f"expected {what}, e.g. {name}={'4608,9216' if item is int else '1e-3,3e-4'}"
+                ) from None
+        return _scalar(kind, raw)
+    except ValueError as e:
+        null = " or null" if optional else ""
+        raise ValueError(f"{name}={raw}: {e}{null}") from None
+
+
+def _fits(kind, value) -> bool:
+    kind, optional = _split_optional(kind)
+    if value is None:
+        return optional
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        return isinstance(value, list) and bool(value) and all(_fits(item, v) for v in value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def problems(cfg: DemoConfig) -> list[tuple[str, str]]:
+    """(field, what is wrong) for every field of cfg of the wrong type or out of range."""
+    from .buffer import SITES
+    from .jumprelu import SPARSITY_MODES
+    from .utils import DTYPES
+
+    out = [
+        (n, f"expected {KIND_NAMES.get(k, k)}")
+        for n, k in field_types().items()
+        if not _fits(k, getattr(cfg, n))
+    ]
+    if out:
+        return out
+    rules: dict[str, tuple[Callable, str]] = {
+        **{n: (lambda v: v >= 1, "must be >= 1") for n in ("tokens", "ctx_len", "lm_batch_size", "sae_batch_size",
+                                                          "buffer_tokens", "max_epochs", "eval_tokens")},
+        **{n: (lambda v: v >= 0, "must be >= 0") for n in ("layer", "exclude_first_k", "warmup_steps",
+                                                          "sparsity_warmup_steps", "seed")},
+        "exclude_first_k": (lambda v: 0 <= v < cfg.ctx_len, f"must be >= 0 and < ctx_len ({cfg.ctx_len})"),
+        "widths": (lambda v: min(v) >= 1, "every value must be >= 1"),
+        "target_l0s": (lambda v: min(v) > 0, "every value must be > 0"),
+        "sparsity_coeffs": (lambda v: min(v) >= 0, "every value must be >= 0"),
+        "lrs": (lambda v: min(v) > 0, "every value must be > 0"),
+        "seeds": (lambda v: min(v) >= 0, "every value must be >= 0"),
+        "bandwidth": (lambda v: v > 0, "must be > 0"),
+        "threshold_init": (lambda v: v >= 0, "must be >= 0"),
+        "decay_start": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        "validation_fraction": (lambda v: 0 < v < 1, "must be > 0 and < 1 (the evaluation's held-out split)"),
+        "site": (lambda v: v in SITES, f"must be one of {', '.join(SITES)}"),
+        "sparsity_mode": (lambda v: v in SPARSITY_MODES, f"must be one of {', '.join(SPARSITY_MODES)}"),
+        "dtype": (lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"),
+        "sae_autocast": (lambda v: v in (None, "bfloat16"), "must be bfloat16 or null"),
+    }  # fmt: skip
+    return [(n, why) for n, (ok, why) in rules.items() if not ok(getattr(cfg, n))]

@@ -1,11 +1,13 @@
 """Push finished run folders to the Hugging Face Hub, one subfolder per trainer, with a model card.
 
-    python -m dictionary_learning.hub RUN_DIR REPO_ID [--private]
+    python -m dictionary_learning.hub RUN_DIR REPO_ID [--private] [--checkpoints]
 
 RUN_DIR is one trainer folder or any folder above several (a layer folder, a whole save_dir). Each
 finished trainer folder uploads its final SAE (sae_weights.safetensors, config.json, cfg.json),
 eval_results.json when present and training_log.jsonl into `{path relative to RUN_DIR}/` of the repo
-(a trainer folder given alone goes to `{its name}/`); checkpoints stay local. The model card
+(a trainer folder given alone goes to `{its name}/`). The full-state checkpoints stay local; with
+`checkpoints=True` (--checkpoints; demo.py --push-checkpoints) the log-spaced SAE snapshots
+`checkpoints/step_*/` go too, with the same SAE files. The model card
 README.md is built in memory: nothing is written into the run folders. The token comes from the
 `token` argument, else HF_TOKEN or `hf auth login` (huggingface_hub.get_token()); never from code.
 """
@@ -16,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -37,6 +40,31 @@ def hub_offline() -> bool:
 
     env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
     return bool(constants.HF_HUB_OFFLINE) or env
+
+
+def check_push(repo_id: str, token: str | None = None) -> str:
+    """What can be checked of a push before any training: the repo id's form, that the Hub is not
+    offline, that there is a token. Returns the token; HubPushError (one line) otherwise."""
+    import huggingface_hub
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise HubPushError(f"{repo_id!r} is not a valid Hub repo id, e.g. user/name ({first})") from None
+    if hub_offline():
+        raise HubPushError("the Hub is offline (HF_HUB_OFFLINE=1); unset it and retry")
+    token = token or os.environ.get("HF_TOKEN") or huggingface_hub.get_token()
+    if not token:
+        raise HubPushError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    return token
+
+
+def snapshot_dirs(trainer_dir: Path) -> list[Path]:
+    """The SAE snapshots `checkpoints/step_XXXXXXXX/` of a trainer folder that hold an SAE, in step order."""
+    snaps = (trainer_dir / "checkpoints").glob("step_*")
+    return sorted(p for p in snaps if re.fullmatch(r"step_\d+", p.name) and (p / SAE_FILES[0]).is_file())
 
 
 def find_trainer_dirs(run_dir: str | os.PathLike) -> list[Path]:
@@ -104,7 +132,7 @@ def _summary(d: Path, path_in_repo: str) -> dict:
     }
 
 
-def model_card(repo_id: str, rows: list[dict]) -> str:
+def model_card(repo_id: str, rows: list[dict], snapshots: bool = False) -> str:
     """README.md text: YAML metadata, a table of the SAEs, and how to load them."""
     bases = sorted({b for r in rows if (b := _base_model(r["model"]))})
     datasets = sorted({r["dataset"] for r in rows if _base_model(r["dataset"])})
@@ -126,6 +154,10 @@ def model_card(repo_id: str, rows: list[dict]) -> str:
         for r in rows
     ]
     ex = rows[0]["path"]
+    snapshot_note = (
+        "\n\nSnapshots taken during training, on a log-spaced schedule, are in "
+        "`<SAE subfolder>/checkpoints/step_XXXXXXXX/` (the same files: the SAE at that step)."
+    )
     body = f"""
 # JumpReLU sparse autoencoders
 
@@ -134,7 +166,7 @@ holds one SAE: `sae_weights.safetensors` (W_enc [d, m], W_dec [m, d], b_enc, b_d
 activation normalisation factor is folded in, so the SAE takes raw activations), `config.json`
 (the full training config), `cfg.json` (SAELens), and the training log. L0 and FVE come from
 `eval_results.json` when present, else from the last training log step (marked "train"); CE loss
-recovered is (L_zero - L_sae) / (L_zero - L_clean).
+recovered is (L_zero - L_sae) / (L_zero - L_clean).{snapshot_note if snapshots else ""}
 
 {chr(10).join(table)}
 
@@ -162,22 +194,23 @@ sae = SAE.load_from_disk(f"{{local}}/{ex}")   # the folder downloaded above
 
 
 def push_to_hub(
-    run_dir: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None
+    run_dir: str | os.PathLike,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    checkpoints: bool = False,
 ) -> str:
-    """Upload every finished trainer folder under `run_dir` to model repo `repo_id` in one commit.
+    """Upload every finished trainer folder under `run_dir` to model repo `repo_id` in one commit
+    (with checkpoints=True, their SAE snapshots `checkpoints/step_*/` too).
 
     Creates the repo if needed. Returns the commit URL. Any failure -> HubPushError (one line);
     nothing local is written or changed."""
-    if hub_offline():
-        raise HubPushError(
-            f"cannot push to {repo_id}: the Hub is offline (HF_HUB_OFFLINE=1); unset it and retry"
-        )
-    import huggingface_hub
+    try:
+        token = check_push(repo_id, token)
+    except HubPushError as e:
+        raise HubPushError(f"cannot push to {repo_id}: {e}") from None
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    token = token or os.environ.get("HF_TOKEN") or huggingface_hub.get_token()
-    if not token:
-        raise HubPushError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
     run_dir = Path(run_dir)
     dirs = find_trainer_dirs(run_dir)
     ops, rows = [], []
@@ -187,9 +220,13 @@ def push_to_hub(
         for f in SAE_FILES + EXTRA_FILES:
             if (d / f).exists():
                 ops.append(CommitOperationAdd(path_in_repo=f"{rel}/{f}", path_or_fileobj=str(d / f)))
-    ops.append(
-        CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=model_card(repo_id, rows).encode())
-    )
+        for snap in snapshot_dirs(d) if checkpoints else ():
+            for f in SAE_FILES:
+                if (snap / f).exists():
+                    path = f"{rel}/checkpoints/{snap.name}/{f}"
+                    ops.append(CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(snap / f)))
+    card = model_card(repo_id, rows, snapshots=checkpoints)
+    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -208,10 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", help="a trainer folder or a folder above several")
     p.add_argument("repo_id", help="Hub model repo, e.g. user/smollm2-135m-saes")
     p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument(
+        "--checkpoints", action="store_true", help="also push the SAE snapshots checkpoints/step_*/"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        url = push_to_hub(args.run_dir, args.repo_id, private=args.private)
+        url = push_to_hub(args.run_dir, args.repo_id, private=args.private, checkpoints=args.checkpoints)
     except (HubPushError, ValueError, OSError) as e:  # ValueError: a malformed JSON file, named
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -13,14 +13,25 @@ first position of a window is often an attention sink: see `exclude_first_k`.
 BOS, EOS and PAD positions (by token id) are never yielded (keep_mask False).
 
 Padding (pack=False): one row per text, truncated to ctx_len and padded on either side.
+
+A text longer than MAX_PIECE_CHARS characters (one 50 MB line, say) is tokenized piece by piece, each
+piece cut before a space that follows a non-space, so memory stays bounded. For byte-level BPE
+tokenizers with a word-level pre-tokenizer (SmolLM2, GPT-2, Llama-3) the ids equal the whole text's;
+tokenizers that prepend a space to every call (SentencePiece Llama-2) may differ by a token at a cut.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from .utils import utf8_error
+
+MAX_PIECE_CHARS = 1 << 16
+"""Texts longer than this many characters are tokenized in pieces of at most this size."""
 
 # ---------------------------------------------------------------------------- tokenization
 
@@ -77,19 +88,89 @@ def pack_row(take, ctx_len: int, bos: int | None) -> list[int]:
     return row if len(row) > (bos is not None) else []
 
 
-def separated_ids(tokenizer, text: str, bos_first: bool | None = None) -> list[int]:
-    """Token ids of one text with its packing separator (see the module docstring); [] if empty."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-    if not ids:
-        return []
+def text_pieces(text: str) -> Iterator[str]:
+    """Consecutive slices of `text` of at most MAX_PIECE_CHARS characters, each cut before a space that
+    follows a non-space in the second half of the slice (else at the limit); the text itself if short."""
+    limit, start = MAX_PIECE_CHARS, 0
+    while len(text) - start > limit:
+        lo, cut = start + limit // 2, text.rfind(" ", start + limit // 2, start + limit)
+        while cut > lo and text[cut - 1].isspace():  # the start of a run of spaces
+            cut = text.rfind(" ", lo, cut)
+        cut = cut if cut > lo else start + limit
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+class TextIds:
+    """The token ids of one text, handed out in order by take(n). A long text's pieces (text_pieces)
+    are tokenized one at a time as they are needed: only one piece's ids are held."""
+
+    def __init__(
+        self, first: list[int], rest: Iterator[list[int]] | None = None, tail: list[int] | None = None
+    ):
+        self._buf, self._pos, self._rest, self._tail = first, 0, rest or iter(()), tail or []
+
+    def _fill(self) -> bool:
+        """True when ids remain (the buffer refilled from the next pieces, then the tail)."""
+        while self._pos >= len(self._buf):
+            nxt = next(self._rest, None)
+            if nxt is None:
+                if not self._tail:
+                    return False
+                nxt, self._tail = self._tail, []
+            self._buf, self._pos = nxt, 0
+        return True
+
+    def take(self, n: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < n and self._fill():
+            k = min(n - len(out), len(self._buf) - self._pos)
+            out += self._buf[self._pos : self._pos + k]
+            self._pos += k
+        return out
+
+    def skip(self, n: int) -> None:
+        while n > 0 and self._fill():
+            k = min(n, len(self._buf) - self._pos)
+            self._pos, n = self._pos + k, n - k
+
+    @property
+    def finished(self) -> bool:
+        return not self._fill()
+
+    def all(self) -> list[int]:
+        out = []
+        while self._fill():
+            out += self.take(len(self._buf) - self._pos)
+        return out
+
+
+def _piece_ids(tokenizer, pieces: Iterator[str], **kw) -> Iterator[list[int]]:
+    return (tokenizer(p, **kw)["input_ids"] for p in pieces)
+
+
+def separated(tokenizer, text: str, bos_first: bool | None = None) -> TextIds | None:
+    """The ids of one text with its packing separator (module docstring), tokenized lazily in pieces;
+    None if the text has no tokens."""
+    pieces = _piece_ids(tokenizer, text_pieces(text), add_special_tokens=False) if text else iter(())
+    first = next((ids for ids in pieces if ids), None)
+    if first is None:
+        return None
     bos_first = adds_bos(tokenizer) if bos_first is None else bos_first
     if bos_first:
-        return [tokenizer.bos_token_id, *ids]
+        return TextIds([tokenizer.bos_token_id, *first], pieces)
     if tokenizer.eos_token_id is None:
         raise ValueError(
             f"tokenizer {type(tokenizer).__name__} adds no BOS and has no EOS: cannot separate texts"
         )
-    return [*ids, tokenizer.eos_token_id]
+    return TextIds(first, pieces, [tokenizer.eos_token_id])
+
+
+def separated_ids(tokenizer, text: str, bos_first: bool | None = None) -> list[int]:
+    """Token ids of one text with its packing separator (see the module docstring); [] if empty."""
+    ids = separated(tokenizer, text, bos_first)
+    return ids.all() if ids is not None else []
 
 
 def keep_mask_for(input_ids: torch.Tensor, tokenizer, attention_mask=None, exclude_first_k: int = 0):
@@ -225,9 +306,12 @@ class TextSource:
                 yield from enumerate(self.data[lo : lo + 256]["text"], start=lo)
         elif self.kind == "file":
             with open(self.data, encoding="utf-8") as f:
-                for i, line in enumerate(f):
-                    if i >= start:
-                        yield i, self._parse(line, i)
+                try:
+                    for i, line in enumerate(f):
+                        if i >= start:
+                            yield i, self._parse(line, i)
+                except UnicodeDecodeError:
+                    raise utf8_error(self.data) from None
         else:
             if start != self._pos:
                 raise ValueError(
@@ -281,9 +365,9 @@ class TokenStream:
         self.ended = self.cfg.epochs is not None and st["epoch"] >= self.cfg.epochs
         self._epoch_tokens = 1 if st["text"] or st["offset"] else 0  # resumed mid-epoch: data is not empty
 
-    def _next_ids(self) -> list[int] | None:
-        """Token ids of the next non-empty text (packed: with separator; padded: truncated),
-        or None at the end of the last epoch. Skipped empty texts are counted."""
+    def _next_ids(self) -> TextIds | None:
+        """Token ids of the next non-empty text (packed: with separator, tokenized lazily in pieces;
+        padded: truncated), or None at the end of the last epoch. Skipped empty texts are counted."""
         while True:
             if self._it is None:
                 self._it = self.source.iter_from(self.st["text"])
@@ -299,21 +383,23 @@ class TokenStream:
                 continue
             i, text = item
             if self.cfg.pack:
-                ids = separated_ids(self.tok, _check_text(text, i), self.bos_first)
+                ids = separated(self.tok, _check_text(text, i), self.bos_first)
             else:
-                ids = self.tok(_check_text(text, i))["input_ids"] if text else []
-                if len(ids) > self.cfg.ctx_len:
+                pieces = text_pieces(_check_text(text, i))
+                head = self.tok(next(pieces))["input_ids"] if text else []
+                n = len(head) + sum(len(p) for p in _piece_ids(self.tok, pieces, add_special_tokens=False))
+                if n > self.cfg.ctx_len:
                     self.st["texts_truncated"] += 1
-                    self.st["tokens_truncated"] += len(ids) - self.cfg.ctx_len
-                ids = ids[: self.cfg.ctx_len]
-            if not ids:
+                    self.st["tokens_truncated"] += n - self.cfg.ctx_len
+                ids = TextIds(head[: self.cfg.ctx_len]) if head else None
+            if ids is None:
                 self.st.update(
                     text=i + 1,
                     texts_skipped=self.st["texts_skipped"] + 1,
                     texts_consumed=self.st["texts_consumed"] + 1,
                 )
                 continue
-            self._epoch_tokens += len(ids)
+            self._epoch_tokens += 1
             return ids
 
     def _take(self, n: int) -> list[int]:
@@ -322,9 +408,10 @@ class TokenStream:
             self._cur = self._next_ids()
             if self._cur is None:
                 return []
+            self._cur.skip(self.st["offset"])  # restored inside this text: skip what was consumed
         off = self.st["offset"]
-        out = self._cur[off : off + n]
-        if off + len(out) >= len(self._cur):
+        out = self._cur.take(n)
+        if self._cur.finished:
             self._cur = None
             self.st.update(text=self.st["text"] + 1, offset=0, texts_consumed=self.st["texts_consumed"] + 1)
         else:

@@ -308,7 +308,7 @@ def trainSAE(
 
     trainer_configs: TrainerConfig, dicts of its fields, or ready JumpReluTrainer objects; `steps`
     overrides their `steps`. run_meta: model, layer, site (or hook), hook, dataset, buffer (config dict).
-    norm_batches: the first batches estimate one norm factor sqrt(E||x||^2) for the whole sweep (then
+    norm_batches: the first batches (at most `steps`) estimate one norm factor sqrt(E||x||^2) for the sweep (then
     are trained on); 0 keeps each config's norm_factor. snapshot_steps: SAE-only snapshots (default
     log_spaced_steps). resume: continue from checkpoints/latest; overwrite: delete existing run folders.
     hist_every: steps between wandb feature-density histograms, each over the tokens since the last
@@ -339,6 +339,7 @@ def trainSAE(
     n_avail = len(data) if hasattr(data, "__len__") else None  # batches, when the data object knows
     if n_avail is not None and n_avail < steps:
         raise ValueError(f"data holds {n_avail} batches but steps={steps}; lower steps or add data")
+    norm_batches = min(norm_batches, steps)  # a short run (a small cache) estimates from all its batches
     schedule = dict(
         steps=steps, log_every=log_every, checkpoint_every=checkpoint_every, norm_batches=norm_batches
     )

@@ -134,13 +134,35 @@ def read_json(path: str | os.PathLike):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+def utf8_error(path: str | os.PathLike) -> ValueError:
+    """The error for a file that failed to decode as UTF-8: one line naming the file and the line (counted
+    by newlines) of its first invalid byte."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return ValueError(
+                    f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)"
+                )
+    return ValueError(f"{path}: not valid UTF-8")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's contents; invalid UTF-8 gets a one-line error naming the file and line."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise utf8_error(path) from None
+
+
 def read_jsonl(path: str | os.PathLike) -> list:
     """Read a JSON-lines file (blank lines skipped); a bad line gets an error naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
@@ -154,6 +176,40 @@ def read_jsonl(path: str | os.PathLike) -> list:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str | None) -> str:
+    """`device` (None: default_device()) if torch can use it; else ValueError, one line (no GPU visible,
+    an index past the visible GPUs, an unknown name)."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r} (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("no GPU is visible to torch (torch.cuda.is_available() is False)")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"only {n} GPU(s) visible (cuda:0..cuda:{n - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("the MPS backend is not available")
+    return device
+
+
+CUDA_ALLOC_DEFAULT = "expandable_segments:True"
+
+
+def cuda_alloc_conf(device: str | None, env=os.environ) -> str | None:
+    """On CUDA, set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less fragmentation in long runs, as
+    the original pipeline did) unless the user set it or PYTORCH_ALLOC_CONF. Call before the first CUDA
+    allocation. Returns the value in force, None when unset."""
+    if str(device).startswith("cuda") and not any(
+        env.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+    ):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOC_DEFAULT
+    return env.get("PYTORCH_CUDA_ALLOC_CONF")
 
 
 DTYPES = {
@@ -232,6 +288,11 @@ def resolve_model(name: str) -> str:
     a local folder, or a Hub id (returned unchanged)."""
     if name in EMBEDDED_ALIASES:
         return str(prepare_embedded_model())
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_local:  # a path, not a Hub id 'org/name'
+        if not Path(name).expanduser().is_dir():
+            raise FileNotFoundError(f"{name}: no such model folder")
+        return str(Path(name).expanduser())
     return name
 
 

@@ -139,6 +139,68 @@ def test_bad_shards_named(tmp_path):
         ActivationCache(tmp_path / "nowhere" / "deeper")
 
 
+@pytest.mark.parametrize("escape", ["absolute path", "dot-dot", "symlink out"])
+def test_shard_names_outside_the_cache_are_refused(tmp_path, escape):
+    """Issue 16, defect 4: a manifest whose shard `file` is absolute, climbs with '..' or is a symlink
+    out of the folder is refused by name before the file is looked at (its size is not revealed)."""
+    write_cache(batches(), tmp_path / "c", 60, shard_rows=20)
+    secret = tmp_path / "secret.safetensors"
+    secret.write_bytes(b"s" * 4321)
+    mpath = tmp_path / "c" / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    if escape == "absolute path":
+        manifest["shards"][1]["file"] = str(secret)
+    elif escape == "dot-dot":
+        manifest["shards"][1]["file"] = "../secret.safetensors"
+    else:
+        shard = tmp_path / "c" / manifest["shards"][1]["file"]
+        shard.unlink()
+        shard.symlink_to(secret)
+    mpath.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"manifest\.json: shard 1: .*outside the cache folder") as err:
+        ActivationCache(tmp_path / "c")
+    assert "4321" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_hub_snapshot_symlinks_into_its_blobs_still_load(tmp_path, monkeypatch):
+    """The Hub's download cache holds snapshots/<rev>/<file> as symlinks to ../../blobs/<hash>: those
+    stay inside the repo's cache folder and load; one pointing further out is refused."""
+    import huggingface_hub
+
+    write_cache(batches(), tmp_path / "c", 60, shard_rows=20)
+    repo = tmp_path / "hub" / "datasets--me--acts"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    for f in sorted((tmp_path / "c").iterdir()):
+        f.rename(repo / "blobs" / f"{f.stem}.blob")
+        (snap / f.name).symlink_to(f"../../blobs/{f.stem}.blob")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(snap))
+    got, _ = drain(ActivationCache("me/acts", batch_size=7))
+    assert torch.equal(sorted_rows(got), sorted_rows(torch.cat(batches())[:60]))
+    outside = tmp_path / "elsewhere.safetensors"
+    (repo / "blobs" / "shard_00001.blob").rename(outside)
+    (snap / "shard_00001.safetensors").unlink()
+    (snap / "shard_00001.safetensors").symlink_to(outside)
+    with pytest.raises(ValueError, match="shard 1: .*outside the cache folder"):
+        ActivationCache("me/acts")
+
+
+def test_harvest_progress_bar_and_planned_end_of_data(tmp_path, capsys, caplog):
+    """Issue 16, Also: write_cache shows tokens harvested against the target, with tok/s (progress=True);
+    with reread=True (the cache will be re-read for several epochs) running out is said at INFO."""
+    write_cache(batches(), tmp_path / "a", 60, shard_rows=20, progress=True)
+    err = capsys.readouterr().err
+    assert "harvest: 100%" in err and "60.0/60.0" in err and "tok/s" in err  # tqdm's unit_scale format
+    write_cache(batches(), tmp_path / "b", 60, shard_rows=20, progress=False)
+    assert capsys.readouterr().err == ""
+    with caplog.at_level(logging.INFO, logger="dictionary_learning.cache"):
+        m = write_cache(batches(2), tmp_path / "c", 1000, shard_rows=20, reread=True)
+    assert m["exhausted"] and m["n_tokens"] == 26
+    (rec,) = [r for r in caplog.records if "26 of 1000" in r.getMessage()]
+    assert rec.levelno == logging.INFO and "re-read" in rec.getMessage()
+
+
 def test_write_cache_guards(tmp_path, caplog):
     write_cache(batches(), tmp_path / "c", 30)
     with pytest.raises(FileExistsError, match="already holds an activation cache"):

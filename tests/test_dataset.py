@@ -468,3 +468,67 @@ def test_load_texts_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ds.HubUnreachable, match="use 'sample' or a local file"):
         ds.load_texts("someone/some-dataset")
+
+
+# ---------------------------------------------------------------------------- issue 16
+
+
+def test_cli_refuses_an_existing_dataset_folder_unless_overwrite(tmp_path, capsys):
+    """Issue 16, defect 5: --out on an existing dataset folder is refused without --overwrite, and
+    --overwrite never deletes files dataset.py did not write (they are named instead)."""
+    out = tmp_path / "ds"
+    assert ds.main(["--out", str(out)]) == 0
+    (out / "my_notes.txt").write_text("mine")
+    summary = (out / "summary.json").read_bytes()
+    capsys.readouterr()
+    assert ds.main(["--out", str(out), "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--overwrite" in err and str(out) in err and len(err.splitlines()) == 1
+    assert (out / "my_notes.txt").read_text() == "mine" and (out / "summary.json").read_bytes() == summary
+    assert ds.main(["--out", str(out), "--seed", "1", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "my_notes.txt" in err and len(err.splitlines()) == 1
+    assert (out / "my_notes.txt").read_text() == "mine" and (out / "summary.json").read_bytes() == summary
+    (out / "my_notes.txt").unlink()
+    assert ds.main(["--out", str(out), "--seed", "1", "--overwrite"]) == 0
+    assert json.loads((out / "summary.json").read_text())["seed"] == 1
+    assert ds.load_texts(str(out), "validation") == ds.load_texts("sample", "validation", seed=1)
+
+
+def test_validation_fraction_zero_and_empty_splits_are_refused_by_name(tmp_path, capsys):
+    """Issue 16, defect 6: --validation-fraction 0 used to write a folder that load_texts cannot read
+    back (an empty split has no Arrow file). It is refused by name, and so is saving any empty split."""
+    assert ds.main(["--out", str(tmp_path / "x"), "--validation-fraction", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--validation-fraction 0" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+    one = ds.to_dataset_dict({"train": [{"text": "only one", "source_dataset": "medqa"}], "validation": []})
+    with pytest.raises(ValueError, match="split 'validation' is empty"):
+        ds.save_dataset(one, tmp_path / "y", {})
+    assert not (tmp_path / "y").exists()
+
+
+BAD_UTF8 = {  # the invalid byte is on line 3 of each file
+    ".txt": b"first text\nsecond text\nthird \xff text\n",
+    ".jsonl": b'{"text": "a"}\n{"text": "b"}\n{"text": "c \xff"}\n',
+    ".json": b'[\n"a",\n"b \xff"\n]\n',
+}
+
+
+@pytest.mark.parametrize("suffix", BAD_UTF8)
+def test_invalid_utf8_names_the_file_and_line(tmp_path, suffix):
+    """Issue 16, defect 15."""
+    path = tmp_path / f"texts{suffix}"
+    path.write_bytes(BAD_UTF8[suffix])
+    with pytest.raises(ValueError, match=rf"texts\{suffix}:3: not valid UTF-8") as err:
+        ds.load_texts(str(path))
+    assert "\n" not in str(err.value)
+
+
+def test_hub_dataset_offline_suggests_the_dataset_flag(monkeypatch):
+    """Issue 16, defect 17: load_texts('hub') (demo.py / evaluation --dataset hub) offline points to
+    --dataset sample, not to dataset.py's --source flag."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ds.HubUnreachable, match="--dataset sample") as err:
+        ds.load_texts("hub")
+    assert "--source" not in str(err.value)

@@ -132,3 +132,191 @@ def test_demo_end_to_end_tiny(tmp_path):
     # --eval-only re-evaluates the existing run
     r3 = run_demo("--eval-only", str(layer_dir), "--eval-tokens", "256", "--quiet")
     assert r3.returncode == 0, r3.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------- issue 16: in-process checks
+
+
+@pytest.fixture
+def demo_main(monkeypatch, capsys):
+    """demo.main(argv) in this process -> (exit code, its 'demo.py: error' lines). Loading a language
+    model (the first step of every harvest and evaluation) raises, so a check that passes here ran
+    before any harvest."""
+    from dictionary_learning import demo, utils
+
+    def no_model(*a, **k):
+        raise AssertionError("a language model was loaded: the check came too late")
+
+    monkeypatch.setattr(utils, "load_language_model", no_model)
+    monkeypatch.setattr(demo, "evaluate_run", lambda *a: [])  # what these tests check ends before it
+
+    def call(*argv):
+        rc = demo.main(list(argv))
+        err = capsys.readouterr().err
+        return rc, [ln for ln in err.splitlines() if ln.startswith("demo.py: error")]
+
+    return call
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--batch-size", "0"], ["--batch-size 0", ">= 1"]),  # defect 9 (was ZeroDivisionError)
+        (["--eval-tokens", "0"], ["--eval-tokens 0", ">= 1"]),  # defect 8
+        (["--set", "tokens=abc"], ["--set tokens=abc", "an integer"]),  # defect 11
+        (["--set", "save_dir=null"], ["--set save_dir=null", "not null"]),  # defect 11
+        (["--set", "lrs=notalist"], ["--set lrs=notalist", "a list of numbers"]),  # defect 16
+        (["--set", "lrs=0,1e-3"], ["--set lrs=0,1e-3", "> 0"]),
+        (["--set", "cache_activations=maybe"], ["--set cache_activations=maybe", "true or false"]),
+        (["--set", "validation_fraction=0"], ["--set validation_fraction=0", "> 0 and < 1"]),
+        (["--site", "resid_post", "--set", "site=nowhere"], ["--set site=nowhere", "resid_pre"]),
+        (["--push-to-hub", "not a repo id!"], ["--push-to-hub not a repo id!", "not a valid"]),  # defect 8
+        (["--push-checkpoints"], ["--push-checkpoints", "--push-to-hub"]),
+        (["--resume", "--overwrite"], ["--resume", "--overwrite", "not both"]),
+        (["--model", "/nonexistent/model"], ["--model /nonexistent/model", "no such"]),  # defect 17
+        (["--dataset", "hub"], ["--dataset sample"]),  # defect 17: not dataset.py's --source
+    ],
+)
+def test_bad_values_fail_with_one_line_before_any_harvest(demo_main, tmp_path, args, words):
+    rc, lines = demo_main(*args, "--save-dir", str(tmp_path))
+    assert rc == 2 and len(lines) == 1, lines
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert "=True" not in lines[0] and "--source" not in lines[0] and "got 'n'" not in lines[0]
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_set_values_follow_the_field_types():
+    """Issue 16, defect 11: `--set` values are parsed by the DemoConfig field's type (was: JSON, so
+    widths=5 gave an int where a list belongs, save_dir=null gave None)."""
+    from dictionary_learning.demo import build_config, parse_args
+
+    cfg = build_config(parse_args(["--set", "widths=5", "--set", "lrs=1e-3, 3e-4", "--set", "seeds=[0, 1]",
+                                   "--set", "sae_autocast=null", "--set", "cache_activations=false",
+                                   "--set", "tokens=1e6", "--set", "dataset=my texts.txt"]))  # fmt: skip
+    assert cfg.widths == [5] and cfg.lrs == [1e-3, 3e-4] and cfg.seeds == [0, 1]
+    assert cfg.sae_autocast is None and cfg.cache_activations is False
+    assert cfg.tokens == 1_000_000 and isinstance(cfg.tokens, int) and cfg.dataset == "my texts.txt"
+
+
+def test_no_gpu_is_said_in_one_line(demo_main, tmp_path, monkeypatch):
+    """Issue 16, defect 10: --device cuda without a visible GPU (a 51-line AssertionError before)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc, lines = demo_main("--device", "cuda", "--save-dir", str(tmp_path))
+    assert rc == 2 and len(lines) == 1
+    assert "--device cuda" in lines[0] and "no GPU" in lines[0] and "--device cpu" in lines[0]
+
+
+def test_cuda_runs_get_expandable_segments_unless_set(monkeypatch):
+    """Issue 16, Also: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True by default on CUDA."""
+    import torch
+
+    from dictionary_learning import demo
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    seen = []
+    monkeypatch.setattr(demo, "run", lambda cfg, args: seen.append(os.environ.get("PYTORCH_CUDA_ALLOC_CONF")))
+    for env, device, want in [({}, "cuda", "expandable_segments:True"), ({}, "cpu", None),
+                              ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"}, "cuda", "max_split_size_mb:64"),
+                              ({"PYTORCH_ALLOC_CONF": "backend:native"}, "cuda:0", None)]:  # fmt: skip
+        for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert demo.main(["--device", device]) == 0
+        assert seen.pop() == want, (env, device)
+
+
+def test_push_without_a_token_fails_before_the_harvest(demo_main, tmp_path, monkeypatch):
+    """Issue 16, defect 8: no token is found out before training, not after."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    rc, lines = demo_main("--push-to-hub", "me/saes", "--save-dir", str(tmp_path))
+    assert rc == 2 and len(lines) == 1 and "--push-to-hub me/saes" in lines[0] and "token" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_validation_split_fails_before_the_harvest(demo_main, tmp_path):
+    """Issue 16, defect 8: a data set whose validation split is empty (one text) failed in the
+    evaluation, after training."""
+    one = tmp_path / "one.txt"
+    one.write_text("A single clinical note about chest pain.\n")
+    rc, lines = demo_main("--dataset", str(one), "--save-dir", str(tmp_path / "runs"))
+    assert rc == 2 and len(lines) == 1 and f"--dataset {one}" in lines[0] and "validation" in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+# --from-cache runs: no language model; activations of SmolLM2's width (576), any values
+FROM_CACHE = ["--widths", "64", "--target-l0s", "8", "--set", "warmup_steps=2", "--set",
+              "sparsity_warmup_steps=4", "--quiet"]  # fmt: skip
+
+
+def _cache_and_trainer_dir(tmp_path, n_tokens, argv):
+    import torch
+
+    from dictionary_learning import demo
+    from dictionary_learning.cache import write_cache
+
+    g = torch.Generator().manual_seed(0)
+    write_cache([torch.randn(n_tokens, 576, generator=g)], tmp_path / "cache", n_tokens,
+                meta={"layer": 15, "site": "resid_post"})  # fmt: skip
+    cfg = demo.build_config(demo.parse_args(argv))
+    info = demo.plan(cfg)
+    return Path(info["output_folder"]) / info["trainers"][0]
+
+
+def test_small_cache_run_with_fewer_steps_than_norm_batches(demo_main, tmp_path):
+    """Issue 16, defect 7: --tokens 8192 --batch-size 512 (16 steps) from a cache of exactly 8192
+    tokens trains (the norm estimate used to want 32 batches and ran out of data)."""
+    argv = ["--from-cache", str(tmp_path / "cache"), "--tokens", "8192", "--batch-size", "512",
+            *FROM_CACHE, "--save-dir", str(tmp_path / "runs")]  # fmt: skip
+    folder = _cache_and_trainer_dir(tmp_path, 8192, argv)
+    rc, lines = demo_main(*argv)
+    assert rc == 0, lines
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["schedule"]["steps"] == 16 and cfg["schedule"]["norm_batches"] == 16
+    assert (folder / "sae_weights.safetensors").exists()
+
+
+def test_existing_and_damaged_runs_are_refused_in_cli_words(demo_main, tmp_path):
+    """Issue 16, defects 17 and 3: the refusal of an existing run speaks --resume / --overwrite (not
+    resume=True), and --resume on a damaged checkpoint stops with one line instead of restarting."""
+    argv = ["--from-cache", str(tmp_path / "cache"), "--tokens", "2048", "--batch-size", "1024",
+            *FROM_CACHE, "--save-dir", str(tmp_path / "runs")]  # fmt: skip
+    folder = _cache_and_trainer_dir(tmp_path, 2048, argv)
+    latest = folder / "checkpoints" / "latest"
+    latest.mkdir(parents=True)
+    (latest / "trainer.safetensors").write_bytes(b"\0" * 64)  # meta.json missing
+    (folder / "status.json").write_text(json.dumps({"status": "interrupted", "step": 1}))
+    rc, lines = demo_main(*argv)
+    assert rc == 2 and len(lines) == 1
+    assert "--resume" in lines[0] and "--overwrite" in lines[0] and "=True" not in lines[0]
+    rc, lines = demo_main(*argv, "--resume")
+    assert rc == 2 and len(lines) == 1 and "meta.json" in lines[0] and "--overwrite" in lines[0]
+    assert sorted(p.name for p in folder.rglob("*")) == sorted(
+        ["checkpoints", "latest", "trainer.safetensors", "status.json", ".lock"]
+    )
+
+
+@pytest.mark.slow
+def test_small_run_end_to_end_with_a_harvest_progress_bar(tmp_path, capsys):
+    """Issue 16, defect 7 with the real model: --tokens 8192 --batch-size 512 (16 steps, fewer than the
+    32 norm batches) harvests, trains and evaluates; the harvest shows a progress bar with tok/s."""
+    from dictionary_learning import demo
+
+    rc = demo.main(["--layer", "3", "--ctx-len", "64", "--tokens", "8192", "--batch-size", "512", "--widths",
+                    "576", "--target-l0s", "16", "--eval-tokens", "512", "--set", "buffer_tokens=4096",
+                    "--set", "warmup_steps=2", "--set", "sparsity_warmup_steps=8", "--save-dir", str(tmp_path)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 0, err[-3000:]
+    assert "harvest:" in err and "8.19k/8.19k" in err and "tok/s" in err
+    (folder,) = (tmp_path / "smollm2-135m" / "resid_post_layer3").glob("jumprelu_*")
+    assert json.loads((folder / "config.json").read_text())["schedule"]["norm_batches"] == 16
+    assert json.loads((folder / "eval_results.json").read_text())["l0"] > 0

@@ -13,7 +13,7 @@ import pytest
 import torch
 from huggingface_hub.utils._http import default_client_factory
 
-from dictionary_learning.hub import HubPushError, find_trainer_dirs, main, push_to_hub
+from dictionary_learning.hub import HubPushError, check_push, find_trainer_dirs, main, push_to_hub
 from dictionary_learning.trainer import TrainerConfig
 from dictionary_learning.training import layer_dir, trainSAE
 
@@ -30,14 +30,15 @@ def batches(n=40, d=16, b=32):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A layer folder with two finished trainers (one with eval_results.json) and one failed."""
+    """A layer folder with two finished trainers (one with eval_results.json; both with SAE snapshots
+    at steps 8 and 16) and one failed."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny steps on 2 shared cores: a spinning thread pool is 50x slower
     save = tmp_path_factory.mktemp("runs")
     cfgs = [TrainerConfig(16, m, lr=1e-3, target_l0=4, warmup_steps=2, sparsity_warmup_steps=5, device="cpu")
             for m in (32, 64)]  # fmt: skip
     out = trainSAE(batches(), cfgs, 20, save, META, log_every=5, checkpoint_every=10, norm_batches=4,
-                   progress=False)  # fmt: skip
+                   snapshot_steps=[8, 16], progress=False)  # fmt: skip
     torch.set_num_threads(threads)
     (Path(out[0]) / "eval_results.json").write_text(json.dumps({"l0": 3.5, "frac_variance_explained": 0.71,
                                                                  "frac_recovered": 0.9321}))  # fmt: skip
@@ -182,3 +183,33 @@ def test_missing_token_and_empty_folder(tmp_path, monkeypatch):
         push_to_hub(tmp_path, REPO)
     with pytest.raises(HubPushError, match="no finished trainer folder"):
         push_to_hub(tmp_path, REPO, token="hf_x")
+
+
+def test_push_checkpoints_adds_the_sae_snapshots(run_dir, mock_hub, monkeypatch):
+    """Issue 16, Also: --push-checkpoints (checkpoints=True; hub CLI --checkpoints) uploads each trainer's
+    log-spaced snapshots checkpoints/step_*/ with their SAE files, never the full-state latest/."""
+    hub = mock_hub()
+    names = sorted(d.name for d in find_trainer_dirs(run_dir))
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    assert main([str(run_dir), REPO, "--checkpoints"]) == 0
+    files = hub.committed_files()
+    snaps = {f"{n}/checkpoints/step_{s:08d}/{f}" for n in names for s in (8, 16)
+             for f in ("sae_weights.safetensors", "config.json", "cfg.json")}  # fmt: skip
+    assert snaps <= set(files) and not any("latest" in p for p in files)
+    for path in snaps:
+        assert files[path] == (run_dir / path).read_bytes()
+    assert "checkpoints/step_" in files["README.md"].decode()
+
+
+def test_push_checks_before_any_request(mock_hub, monkeypatch):
+    """Issue 16, defect 8: a malformed repo id or a missing token is found without a request (demo.py
+    calls check_push before the harvest)."""
+    hub = mock_hub()
+    with pytest.raises(HubPushError, match="not a valid Hub repo id"):
+        check_push("not a repo id!", token="hf_x")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(HubPushError, match="no Hugging Face token"):
+        check_push("me/saes")
+    assert check_push("me/saes", token="hf_x") == "hf_x"
+    assert hub.requests == []

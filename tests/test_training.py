@@ -40,6 +40,8 @@ D, M, B = 16, 64, 32
 META = {"model": "org/tiny-model", "layer": 3, "site": "resid_post", "hook": "blocks.3.hook_resid_post",
         "dataset": "synthetic", "buffer": {"ctx_len": 8, "out_batch_size": B}}  # fmt: skip
 SCRIPT_STEPS, SCRIPT_CKPT = 120, 10
+CK_KW = dict(log_every=4, checkpoint_every=4, norm_batches=4, progress=False)
+FULL_LOOP = dict(tokens=0, norm_factor=1.0, acc={}, last={}, rng=None, wandb_id=None)  # what trainSAE reads
 
 
 class Synthetic:
@@ -460,12 +462,113 @@ def test_checkpoint_swap_survives_a_kill_at_any_point(tmp_path):
     assert not (tmp_path / "latest.old").exists()
     # killed between `latest -> latest.old` and `tmp -> latest`: the reader falls back to .old
     trainer = JumpReluTrainer(configs(1)[0])
-    save_checkpoint(tmp_path / "ck" / "latest", trainer, {"step": 3}, {"kind": "skip", "consumed": 3})
+    loop3 = {**FULL_LOOP, "step": 3}
+    save_checkpoint(tmp_path / "ck" / "latest", trainer, loop3, {"kind": "skip", "consumed": 3})
     os.rename(tmp_path / "ck" / "latest", tmp_path / "ck" / "latest.old")
     (tmp_path / "ck" / "latest.tmp-999").mkdir()  # a half-written one from the killed process
     tensors, meta, loop, ds = read_checkpoint(tmp_path / "ck" / "latest")
-    assert loop == {"step": 3} and ds["consumed"] == 3 and torch.equal(tensors["ae.W_enc"], trainer.ae.W_enc)
+    assert loop == loop3 and ds["consumed"] == 3 and torch.equal(tensors["ae.W_enc"], trainer.ae.W_enc)
     assert read_checkpoint(tmp_path / "nothing" / "latest") is None
+
+
+def _stopped_at_12(save_dir) -> Path:
+    """A run the data stopped at step 12 of 20 (checkpoint saved); returns its checkpoints/ folder."""
+    with pytest.raises(DataExhaustedError):
+        trainSAE(Synthetic(limit=12), configs(1), 20, save_dir, META, **CK_KW)
+    return trainer_dirs(save_dir)[0] / "checkpoints"
+
+
+def _damage(latest: Path, how: str) -> None:
+    if how == "no meta.json":
+        (latest / "meta.json").unlink()
+    elif how == "truncated trainer.safetensors":
+        f = latest / "trainer.safetensors"
+        f.write_bytes(f.read_bytes()[:200])
+    elif how == "meta.json without loop.acc":
+        meta = json.loads((latest / "meta.json").read_text())
+        del meta["loop"]["acc"]
+        (latest / "meta.json").write_text(json.dumps(meta))
+    elif how == "meta.json not JSON":
+        (latest / "meta.json").write_text('{"trainer": {')
+
+
+def _files(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+DAMAGE = {  # how -> what the one-line error must name
+    "no meta.json": r"latest/meta\.json",
+    "truncated trainer.safetensors": r"latest/trainer\.safetensors",
+    "meta.json without loop.acc": r"latest/meta\.json.*'loop\.acc'",
+    "meta.json not JSON": r"latest/meta\.json",
+}
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damaged_checkpoint_stops_resume_and_is_left_alone(tmp_path, how):
+    """Issue 16, defects 3 and 13: a damaged checkpoints/latest without a complete latest.old stops the
+    resume with one line naming the file, instead of restarting at step 0 (or a KeyError/SafetensorError),
+    and nothing in checkpoints/ is touched."""
+    ck = _stopped_at_12(tmp_path)
+    _damage(ck / "latest", how)
+    before = _files(ck)
+    with pytest.raises(ValueError, match=DAMAGE[how]) as err:
+        trainSAE(Synthetic(), configs(1), 20, tmp_path, META, resume=True, **CK_KW)
+    assert "\n" not in str(err.value) and "overwrite=True" in str(err.value)
+    assert _files(ck) == before
+    assert not (ck.parent / "sae_weights.safetensors").exists()
+
+
+@pytest.mark.parametrize("how", list(DAMAGE)[:3])
+def test_damaged_latest_falls_back_to_a_complete_old_exactly(tmp_path, how):
+    """Issue 16, defects 3 and 13: with a complete latest.old beside the damaged latest, resume continues
+    from latest.old, and the result equals an uninterrupted run's bit for bit."""
+    (ref,) = trainSAE(Synthetic(), configs(1), 20, tmp_path / "ref", META, **CK_KW)
+    ck = _stopped_at_12(tmp_path / "b")
+    shutil.copytree(ck / "latest", ck / "latest.old")
+    _damage(ck / "latest", how)
+    (out,) = trainSAE(Synthetic(), configs(1), 20, tmp_path / "b", META, resume=True, **CK_KW)
+    assert_same_run(ref, out)
+
+
+def test_fallback_to_old_survives_a_kill_in_the_next_checkpoint_write(tmp_path, monkeypatch):
+    """Issue 16, defect 3: after resuming from latest.old (latest damaged), a kill inside the next
+    checkpoint write, just before the new folder is renamed into place, still leaves a complete checkpoint."""
+    trainer = JumpReluTrainer(configs(1)[0])
+    latest = tmp_path / "checkpoints" / "latest"
+    save_checkpoint(latest, trainer, {**FULL_LOOP, "step": 3}, {"kind": "skip", "consumed": 3})
+    shutil.copytree(latest, latest.with_name("latest.old"))
+    _damage(latest, "truncated trainer.safetensors")
+    assert read_checkpoint(latest)[2]["step"] == 3
+    real_rename = os.rename
+
+    def killed_before_swap(src, dst):
+        if ".tmp-" in Path(src).name:
+            raise OSError("killed")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", killed_before_swap)
+    with pytest.raises(OSError, match="killed"):
+        save_checkpoint(latest, trainer, {**FULL_LOOP, "step": 4}, {"kind": "skip", "consumed": 4})
+    monkeypatch.undo()
+    tensors, _, loop, _ = read_checkpoint(latest)
+    assert loop["step"] == 3 and torch.equal(tensors["ae.W_enc"], trainer.ae.W_enc)
+
+
+def test_runs_shorter_than_the_norm_estimate_use_every_batch(tmp_path):
+    """Issue 16, defect 7: a run of 10 steps from a cache holding exactly 10 batches (demo.py's cache mode
+    with --tokens 8192 --batch-size 512 is the same) trains; the norm factor comes from all 10 batches,
+    not the default 32 (which used to exhaust the data before the first step)."""
+    from dictionary_learning.cache import ActivationCache, write_cache
+
+    write_cache(plain(10), tmp_path / "cache", n_tokens=10 * B, meta={"model": "m"}, shard_rows=64)
+    cache = ActivationCache(tmp_path / "cache", batch_size=B, seed=0, epochs=1)
+    (out,) = trainSAE(cache, configs(1), 10, tmp_path / "run", META, log_every=5, progress=False)
+    rows = torch.cat([Synthetic().batch(i) for i in range(10)]).double()  # every row, in any order
+    want = rows.pow(2).sum(1).mean().sqrt().item()
+    cfg = json.loads((Path(out) / "config.json").read_text())
+    assert cfg["norm_factor"] == pytest.approx(want, rel=1e-6)
+    assert cfg["schedule"]["norm_batches"] == 10
 
 
 def test_folder_names_and_snapshot_schedule():

@@ -78,3 +78,26 @@ def test_load_unknown_model_offline_fails_fast(tmp_path):
     )
     assert r.returncode != 0
     assert "no-such/model" in r.stderr
+
+
+def test_local_model_paths_that_do_not_exist_are_named(tmp_path):
+    """Issue 16, defect 17: a path is not looked up as a Hub repo id ('Repo id must be in the form...')."""
+    for name in ("/nonexistent/model", "./missing", "~/no/such/model", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="no such model folder"):
+            utils.resolve_model(name)
+    assert utils.resolve_model("org/name") == "org/name"
+
+
+def test_check_device(monkeypatch):
+    """Issue 16, defect 10: GPUs that torch cannot see are refused in one line."""
+    assert utils.check_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        utils.check_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no GPU is visible"):
+        utils.check_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert utils.check_device("cuda:1") == "cuda:1"
+    with pytest.raises(ValueError, match=r"only 2 GPU\(s\) visible"):
+        utils.check_device("cuda:2")
