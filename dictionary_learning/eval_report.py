@@ -122,7 +122,10 @@ def run_settings(sae_path: Path, args) -> dict:
     cfg_file = next((folder / n for n in ("config.json", "cfg.json") if (folder / n).exists()), None)
     cfg = read_json(cfg_file) if cfg_file else {}
     meta = cfg["run_meta"] if isinstance(cfg.get("run_meta"), dict) else cfg
-    hook = _find(cfg, "hook_name", "hook")
+    hook = _find(cfg, "hook_name", "hook", "hook_point")  # hook_point: SAELens before 6
+    if (_find(cfg, "model_from_pretrained_kwargs") or {}).get("center_writing_weights"):
+        log.warning("%s: trained on a TransformerLens model with center_writing_weights, whose residual "
+                     "stream is centred; this evaluation hooks the unprocessed model", sae_path)  # fmt: skip
     m = re.fullmatch(r"blocks\.(\d+)\.hook_(\w+)", str(hook)) if hook else None
     npz = {} if cfg else GEMMA_SCOPE_PROTOCOL  # a params.npz records nothing: Gemma Scope's protocol
     bos = args.prepend_bos if args.prepend_bos is not None else _find(cfg, "prepend_bos")
