@@ -208,10 +208,15 @@ def _scalar(kind, raw: str):
         raise ValueError(f"expected {KIND_NAMES[bool]}")
     if kind is str:
         if s.lower() in NULL or not s:
-            raise ValueError("expected a string, not null")
+            raise ValueError("expected a string (not null or empty)")
         return raw
+    if kind is int:
+        try:
+            return int(s)  # exact, however large
+        except ValueError:
+            pass
     try:
-        v = float(s)  # 1e6, 1_000, 0.5
+        v = float(s)  # 1e6, 0.5
     except ValueError:
         raise ValueError(f"expected {KIND_NAMES[kind]}") from None
     if not math.isfinite(v) or (kind is int and not v.is_integer()):
@@ -275,8 +280,7 @@ def problems(cfg: DemoConfig) -> list[tuple[str, str]]:
     rules: dict[str, tuple[Callable, str]] = {
         **{n: (lambda v: v >= 1, "must be >= 1") for n in ("tokens", "ctx_len", "lm_batch_size", "sae_batch_size",
                                                           "buffer_tokens", "max_epochs", "eval_tokens")},
-        **{n: (lambda v: v >= 0, "must be >= 0") for n in ("layer", "exclude_first_k", "warmup_steps",
-                                                          "sparsity_warmup_steps", "seed")},
+        **{n: (lambda v: v >= 0, "must be >= 0") for n in ("layer", "warmup_steps", "sparsity_warmup_steps", "seed")},
         "exclude_first_k": (lambda v: 0 <= v < cfg.ctx_len, f"must be >= 0 and < ctx_len ({cfg.ctx_len})"),
         "widths": (lambda v: min(v) >= 1, "every value must be >= 1"),
         "target_l0s": (lambda v: min(v) > 0, "every value must be > 0"),

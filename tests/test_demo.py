@@ -193,10 +193,12 @@ def test_set_values_follow_the_field_types():
 
     cfg = build_config(parse_args(["--set", "widths=5", "--set", "lrs=1e-3, 3e-4", "--set", "seeds=[0, 1]",
                                    "--set", "sae_autocast=null", "--set", "cache_activations=false",
-                                   "--set", "tokens=1e6", "--set", "dataset=my texts.txt"]))  # fmt: skip
+                                   "--set", "tokens=1e6", "--set", "dataset=my texts.txt",
+                                   "--set", "seed=9007199254740993"]))  # fmt: skip
     assert cfg.widths == [5] and cfg.lrs == [1e-3, 3e-4] and cfg.seeds == [0, 1]
     assert cfg.sae_autocast is None and cfg.cache_activations is False
     assert cfg.tokens == 1_000_000 and isinstance(cfg.tokens, int) and cfg.dataset == "my texts.txt"
+    assert cfg.seed == 2**53 + 1  # parsed as an int, not through a float
 
 
 def test_no_gpu_is_said_in_one_line(demo_main, tmp_path, monkeypatch):
