@@ -12,12 +12,12 @@ Procedure (`collect`): the held-out windows of the evaluation (`held_out_windows
 split, packed and masked as evaluation does) run once through the model, stopped at the hook; the
 real-token activations x [N, d] are kept. Positions whose keep mask is False (BOS/EOS/PAD, the first
 exclude_first_k positions) are never scored: they appear in contexts as greyed tokens with no value.
-Two streamed passes over x in chunks (feature_stats.py) then give, per latent, in O(m·k) memory:
-firing counts, min/max, the top-k tokens (pass 1); a histogram of the non-zero activations and
-uniform samples from the lower bands [0, ¼), [¼, ½), [½, ¾) of the latent's max (pass 2). Each chosen
-token is shown with up to `radius` tokens either side inside its window, every token coloured by the
-latent's activation. Plus the logit lens (10 promoted / suppressed output tokens) and the 5 latents
-with the most similar decoder directions.
+One streamed pass over x in chunks (feature_stats.LatentStats) then gives, per latent, in O(m·k)
+memory: firing counts, min/max, the top-k tokens, a histogram of the non-zero activations and uniform
+samples from the lower bands [0, ¼), [¼, ½), [½, ¾) of the latent's max. Each chosen token is shown
+with up to `radius` tokens either side inside its window, every token coloured by the latent's
+activation (re-encoded from the kept x, a block of windows at a time). Plus the logit lens (10
+promoted / suppressed output tokens) and the 5 latents with the most similar decoder directions.
 
 Output (features_html.py writes it; the README lists the JSON fields): index.html, app.js, style.css,
 data/index.js + data/latents_NNN.js (the JSON assigned to window.FB_DATA, so file:// pages can read
@@ -45,8 +45,6 @@ from .evaluation import DENSITY_FLOOR, load_sae, select_contexts, traced_forward
 from .feature_stats import DEFAULT_BANDS, LatentStats, logit_lens, round_sig, similar_latents
 from .features_html import MARKER, SCHEMA_VERSION, write_browser
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class BrowserConfig:
@@ -63,7 +61,7 @@ class BrowserConfig:
     n_bins: int = 64
     """Histogram bins over [0, R), R the power of two above a latent's max (feature_stats.bin_range)."""
     per_band: int = 3
-    """Sampled contexts per lower activation band (bands: feature_stats.DEFAULT_BANDS)."""
+    """Sampled contexts per lower activation band (feature_stats.DEFAULT_BANDS) and per histogram bin."""
     logit_k: int = 10
     """Output tokens promoted and suppressed shown by the logit lens."""
     n_similar: int = 5
