@@ -106,6 +106,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace existing run folders")
     p.add_argument("--eval-only", metavar="RUN_DIR", help="only evaluate the SAEs under RUN_DIR")
     p.add_argument("--plan", action="store_true", help="print what would run, then exit")
+    p.add_argument("--features", choices=["middle", "all"], default="middle",
+                   help="feature browser (features.py) of the SAE with the middle target L0, or of all")  # fmt: skip
+    p.add_argument("--no-features", dest="features", action="store_const", const=None, help="no feature browser")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     d = p.add_argument_group("under torchrun (distributed.py)")
     d.add_argument("--distributed-mode", choices=["data", "sweep"], default="data",
@@ -527,6 +530,13 @@ def run(cfg: DemoConfig, args) -> list[dict] | None:
     log.info("training done in %.0f s", time.time() - t0)
     rows = evaluate_run(out_dir, cfg, args)
     times["evaluation_s"] = time.time() - t0 - sum(times.values())
+    if args.features:  # <trainer>/features/index.html
+        from dictionary_learning import features
+
+        flags = ["--dtype", cfg.dtype, *(["--device", cfg.device] if cfg.device else [])]
+        flags += ["--no-progress"] * args.quiet + ["--overwrite"] * args.overwrite
+        features.build_for_run([Path(r["folder"]) for r in rows], args.features, flags)
+    times["features_s"] = time.time() - t0 - sum(times.values())
     write_json(out_dir / "demo_config.json", cfg.to_dict())
     write_json(out_dir / "timings.json", {**times, "total_s": time.time() - t0})
     if args.push_to_hub:

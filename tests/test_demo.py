@@ -108,6 +108,8 @@ def test_demo_end_to_end_tiny(tmp_path):
     for f in ("eval_summary.csv", "eval_summary.md", "frontier_fve.png", "training_curves.png"):
         assert (layer_dir / f).exists(), f
     assert (layer_dir / "activation_cache" / "manifest.json").exists()
+    # the feature browser of the middle target L0 (of 16 and 48: the lower middle, 16) only
+    assert (trainers[0] / "features" / "index.html").exists() and not (trainers[1] / "features").exists()
     assert "jumprelu_w1152_tl0-16_lr0.001_s0" in r.stdout  # the summary table
 
     # a second run must not overwrite the finished folders
