@@ -307,6 +307,37 @@ def _multiple(v: str):
     return x
 
 
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that override an SAE's run settings (run_settings), shared by every CLI that reads
+    held-out text through an SAE: the evaluation and the feature browser."""
+    p.add_argument(
+        "--dataset", default=None, help="data set spec (default: the run's); its validation split is used"
+    )
+    p.add_argument("--model", default=None, help="model name/folder (default: the run's)")
+    p.add_argument("--layer", type=int, default=None, help="layer (default: the run's)")
+    p.add_argument("--site", default=None, help="resid_post / resid_pre / mlp_out (default: the run's)")
+    p.add_argument("--ctx-len", type=int, default=None, help="window length (default: the run's ctx_len)")
+    p.add_argument("--exclude-first-k", type=int, default=None, help="default: the run's buffer setting")
+    p.add_argument(
+        "--prepend-bos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start every window with BOS (default: the run's setting; SAELens metadata; "
+        "Gemma Scope npz: yes; else where the tokenizer adds BOS)",
+    )
+    p.add_argument(
+        "--max-norm-multiple",
+        type=_multiple,
+        default=None,
+        metavar="X|none",
+        help="tokens with norm > X x the median are massive: left out of the headline "
+        f"metrics (default: the run's, else {EvalConfig.max_norm_multiple:g}; none: keep all)",
+    )
+    p.add_argument("--device", default=EvalConfig.device, help="cpu, cuda, ... (default: a GPU if present)")
+    p.add_argument("--dtype", default="float32", help="language-model dtype (default float32)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m dictionary_learning.evaluation",
@@ -318,22 +349,7 @@ def parse_args(argv=None):
         "--n-tokens", type=int, default=EvalConfig.n_tokens, help="real held-out tokens to evaluate"
     )
     p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="contexts per LM forward")
-    p.add_argument("--ctx-len", type=int, default=None, help="window length (default: the run's ctx_len)")
-    p.add_argument("--device", default=EvalConfig.device, help="cpu, cuda, ... (default: a GPU if present)")
-    p.add_argument("--dtype", default="float32", help="language-model dtype (default float32)")
-    p.add_argument(
-        "--dataset", default=None, help="data set spec (default: the run's); its validation split is used"
-    )
-    p.add_argument("--model", default=None, help="model name/folder (default: the run's)")
-    p.add_argument("--layer", type=int, default=None, help="layer (default: the run's)")
-    p.add_argument("--site", default=None, help="resid_post / resid_pre / mlp_out (default: the run's)")
-    p.add_argument("--exclude-first-k", type=int, default=None, help="default: the run's buffer setting")
-    p.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
-                   help="start every window with BOS (default: the run's setting; SAELens metadata; "
-                   "Gemma Scope npz: yes; else where the tokenizer adds BOS)")  # fmt: skip
-    p.add_argument("--max-norm-multiple", type=_multiple, default=None, metavar="X|none",
-                   help="tokens with norm > X x the median are massive: left out of the headline "
-                   f"metrics (default: the run's, else {EvalConfig.max_norm_multiple:g}; none: keep all)")  # fmt: skip
+    add_run_flags(p)
     p.add_argument("--n-ref-tokens", type=int, default=EvalConfig.n_ref_tokens,
                    help="reference tokens of the train split (mean ablation, median norm)")  # fmt: skip
     p.add_argument(
@@ -343,7 +359,6 @@ def parse_args(argv=None):
         help="most SAEs at one hook evaluated together (they share the clean and ablation passes)",
     )
     p.add_argument("--out", default=None, help="folder for the summary and plots (default: RUN_DIR)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)
 
 

@@ -31,17 +31,15 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
-import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .buffer import get_hook_module, hook_name
-from .eval_report import run_settings
-from .evaluation import DENSITY_FLOOR, load_sae, select_contexts, traced_forward
+from .buffer import get_hook_module, hook_name, massive_record
+from .eval_report import add_run_flags, run_settings
+from .evaluation import DENSITY_FLOOR, EvalConfig, load_sae, select_contexts, traced_forward
 from .feature_stats import DEFAULT_BANDS, LatentStats, logit_lens, round_sig, similar_latents
 from .features_html import MARKER, SCHEMA_VERSION, write_browser
 
@@ -97,10 +95,21 @@ def parse_latents(spec: str, dict_size: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------- harvest
 
 
-def held_out_windows(texts: list[str], tokenizer, ctx_len: int, n_tokens: int, exclude_first_k: int):
+def held_out_windows(texts: list[str], tokenizer, ctx_len: int, n_tokens: int, exclude_first_k: int,
+                     prepend_bos: bool | None = None):  # fmt: skip
     """The evaluation's held-out windows: (input_ids [N, T], keep [N, T]). One call, so the browser
     follows the evaluation protocol (windows, BOS and special-token rules) wherever it changes."""
-    return select_contexts(texts, tokenizer, ctx_len, n_tokens, exclude_first_k)
+    return select_contexts(texts, tokenizer, ctx_len, n_tokens, exclude_first_k, prepend_bos)
+
+
+def drop_massive(x: torch.Tensor, pos: torch.Tensor, multiple: float | None):
+    """The evaluation's massive-token rule on the harvested rows x [N, d] (positions pos [N]): rows with
+    norm > multiple x their median norm are left unscored, like special tokens. -> (x, pos, record)."""
+    norms = torch.linalg.vector_norm(x, dim=1)
+    limit = None if multiple is None or not len(x) else multiple * float(norms.median())
+    kept = norms <= limit if limit is not None else torch.ones_like(norms, dtype=torch.bool)
+    record = massive_record(multiple, {"held-out median": limit}, int((~kept).sum()), len(x))
+    return x[kept], pos[kept], record
 
 
 @torch.no_grad()
@@ -171,17 +180,19 @@ def context_values(x, row_of, W, b, th, lat, pos, T: int, radius: int, block_row
 
 @torch.no_grad()
 def collect(sae, model, layer, site, texts, ctx_len, exclude_first_k=0, latents=None, cfg=None,
-            device=None, progress=True, meta=None, timings=None) -> dict:  # fmt: skip
+            device=None, progress=True, meta=None, timings=None, prepend_bos=None,
+            max_norm_multiple=EvalConfig.max_norm_multiple) -> dict:  # fmt: skip
     """Everything the browser shows, as the JSON-able dict {"index": ..., "latents": [record, ...]}
     (schema in features_html.py and the README). sae: encode/decode with W_enc [d, m], W_dec [m, d];
     latents: LongTensor of latent ids (default all); meta: extra fields for index["meta"]; timings:
-    a dict that receives the seconds of each phase."""
+    a dict that receives the seconds of each phase. prepend_bos, max_norm_multiple: as in evaluation
+    (BOS-first windows; massive-activation tokens shown but not scored)."""
     clock = _Clock(timings)
     cfg = cfg or BrowserConfig()
     device = torch.device(device) if device else model.device
     sae = sae.to(device=device, dtype=torch.float32)
     sel = (torch.arange(sae.dict_size) if latents is None else latents).to(device)
-    ids, keep = held_out_windows(texts, model.tokenizer, ctx_len, cfg.n_tokens, exclude_first_k)
+    ids, keep = held_out_windows(texts, model.tokenizer, ctx_len, cfg.n_tokens, exclude_first_k, prepend_bos)
     n_real = int(keep.sum())
     if n_real < cfg.min_tokens:
         raise ValueError(
@@ -190,6 +201,7 @@ def collect(sae, model, layer, site, texts, ctx_len, exclude_first_k=0, latents=
         )
     clock("windows")
     x, pos = harvest(model, layer, site, ids, keep, cfg.batch_size, sae.activation_dim, device, progress)
+    x, pos, massive = drop_massive(x, pos, max_norm_multiple)
     clock("harvest")
     W, b, th = sae.W_enc[:, sel].contiguous(), sae.b_enc[sel], sae.threshold[sel]
     stats = LatentStats(len(sel), cfg.top_k, cfg.n_bins, cfg.per_band, device, cfg.seed)
@@ -226,7 +238,7 @@ def collect(sae, model, layer, site, texts, ctx_len, exclude_first_k=0, latents=
             "ctx_len": ctx_len, "exclude_first_k": exclude_first_k, "n_tokens": stats.n_tokens,
             "n_windows": len(ids), "dict_size": sae.dict_size, "activation_dim": sae.activation_dim,
             "n_latents": m, "bands": [list(b_) for b_ in DEFAULT_BANDS], "logit_lens": lens_info,
-            "density_floor": DENSITY_FLOOR, "config": asdict(cfg), **(meta or {}),
+            "density_floor": DENSITY_FLOOR, "config": asdict(cfg), "massive_tokens": massive, **(meta or {}),
         },
         "vocab": model.tokenizer.batch_decode([[i] for i in used.tolist()], clean_up_tokenization_spaces=False),
         "vocab_ids": used.tolist(),
@@ -323,15 +335,7 @@ def parse_args(argv=None):
     p.add_argument("--min-tokens", type=int, default=d.min_tokens, help="fewer held-out tokens: error")
     p.add_argument("--top-k", type=int, default=d.top_k, help="top activating contexts per latent")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per LM forward")
-    p.add_argument("--dataset", help="data set spec (default: the run's); its validation split is used")
-    p.add_argument("--model", help="model name/folder (default: the run's)")
-    p.add_argument("--layer", type=int, help="layer (default: the run's)")
-    p.add_argument("--site", help="resid_post / resid_pre / mlp_out (default: the run's)")
-    p.add_argument("--ctx-len", type=int, help="window length (default: the run's)")
-    p.add_argument("--exclude-first-k", type=int, help="default: the run's buffer setting")
-    p.add_argument("--device", help="cpu, cuda, ... (default: a GPU if present)")
-    p.add_argument("--dtype", default="float32", help="language-model dtype (default float32)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_run_flags(p)
     return p.parse_args(argv)
 
 
@@ -368,16 +372,12 @@ def build(args, models: dict | None = None) -> Path:
     try:
         data = collect(sae, model, s["layer"], s["site"], texts, s["ctx_len"], s["exclude_first_k"],
                        latents, cfg, device=args.device or default_device(), progress=not args.no_progress,
-                       meta=meta)  # fmt: skip
+                       meta=meta, prepend_bos=s["prepend_bos"], max_norm_multiple=s["max_norm_multiple"])  # fmt: skip
     except ValueError as e:
         if "real tokens" in str(e) or "no evaluation texts" in str(e):
             raise ValueError(f"--dataset {s['dataset']}: {e}") from None
         raise
-    try:
-        write_dir_atomic(out, lambda tmp: write_browser(data, tmp))
-    except BaseException:  # leave no half-written folder (write_dir_atomic's temporary name)
-        shutil.rmtree(out.with_name(f"{out.name}.tmp-{os.getpid()}"), ignore_errors=True)
-        raise
+    write_dir_atomic(out, lambda tmp: write_browser(data, tmp))  # no half-written folder is left
     return out
 
 

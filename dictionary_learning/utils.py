@@ -67,14 +67,19 @@ def fsync_path(path: Path) -> None:
 def write_dir_atomic(final: Path, write) -> None:
     """Call write(tmp) on a fresh `final.tmp-<pid>` folder, fsync it, then swap it in by renames:
     final -> final.old, tmp -> final, remove final.old. A kill at any moment leaves `final` or
-    `final.old` complete (checkpoint.read_checkpoint falls back to `.old`)."""
+    `final.old` complete (checkpoint.read_checkpoint falls back to `.old`). If write or the fsync
+    raises (a bug, a full disk), the temporary folder is removed and `final` left as it was."""
     final = Path(final)
     tmp, old = final.with_name(f"{final.name}.tmp-{os.getpid()}"), final.with_name(f"{final.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
-    for p in [*tmp.rglob("*"), tmp]:
-        fsync_path(p)
+    try:
+        write(tmp)
+        for p in [*tmp.rglob("*"), tmp]:
+            fsync_path(p)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)  # final exists, so any .old is stale
         os.rename(final, old)

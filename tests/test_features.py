@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_evaluation import TEXTS, tiny_model_dir  # noqa: F401  (fixture reused)
+from test_evaluation import TEXTS, planted_model, tiny_model_dir  # noqa: F401  (fixtures reused)
 
 from dictionary_learning import features as fe
 from dictionary_learning.dictionary import JumpReluAutoEncoder
@@ -234,6 +234,24 @@ def built(tiny_model_dir, tmp_path_factory):  # noqa: F811
     h.remove()
     f[~keep] = float("nan")
     return {"out": out, "ids": ids, "keep": keep, "f": f, "tok": model.tokenizer, "sae_dir": sae_dir}
+
+
+def test_massive_tokens_are_shown_but_never_scored(planted_model):  # noqa: F811
+    """The evaluation's massive-token rule: the planted "fever" activations (1000x) are no latent's
+    top context and are counted in the data's meta."""
+    model, _, target = planted_model
+    sae = JumpReluAutoEncoder(D, M, generator=torch.Generator().manual_seed(0))
+    data = fe.collect(sae, model, LAYER, "resid_post", TEXTS, CTX, cfg=fe.BrowserConfig(n_tokens=800, min_tokens=10),
+                      device="cpu", progress=False)  # fmt: skip
+    windows, vocab_ids = data["index"]["windows"], data["index"]["vocab_ids"]
+    n_fever = sum(vocab_ids[t] == target for w in windows for t in w)
+    assert data["index"]["meta"]["massive_tokens"]["dropped"] == n_fever > 0
+    centres = [(c[0], c[2]) for r in data["latents"] for c in r["top"]]
+    assert centres and all(vocab_ids[windows[w][p]] != target for w, p in centres)
+    with_them = fe.collect(sae, model, LAYER, "resid_post", TEXTS, CTX, cfg=fe.BrowserConfig(n_tokens=800, min_tokens=10),
+                           device="cpu", progress=False, max_norm_multiple=None)  # fmt: skip
+    centres = [(c[0], c[2]) for r in with_them["latents"] for c in r["top"]]
+    assert any(vocab_ids[windows[w][p]] == target for w, p in centres)  # the control: they would dominate
 
 
 def load_js(path: Path) -> dict:
