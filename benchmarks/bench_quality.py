@@ -93,7 +93,8 @@ def main(argv=None) -> int:
         root = Path(args.save_dir or tmp)
         data = write_split_folder(pubmedqa_texts(PUBMEDQA), root / "pubmedqa_600_200")
         argv = ["--dataset", str(data), "--save-dir", str(root / "runs"), "--eval-tokens", str(args.eval_tokens),
-                "--device", "cpu", "--quiet", "--overwrite", *(f"--set={s}" for s in args.set)]  # fmt: skip
+                "--device", "cpu", "--quiet", "--overwrite", "--no-features",
+                *(f"--set={s}" for s in args.set)]  # fmt: skip
         cfg = demo.build_config(demo.parse_args(argv))
         rows = demo.run(cfg, demo.parse_args(argv))
         out_dir = Path(rows[0]["folder"]).parent
