@@ -57,9 +57,12 @@ def pubmedqa_texts(path: Path) -> list[str]:
 
 def write_split_folder(texts: list[str], out: Path) -> Path:
     """A dataset folder (as `dataset.py --out` writes) with train = the first N_TRAIN texts and
-    validation = the rest, so load_texts uses exactly these splits."""
+    validation = the rest, so load_texts uses exactly these splits. An existing one is reused (same
+    texts; its harvested activation cache beside it is then reused too)."""
     import datasets
 
+    if (out / "dataset_dict.json").exists():
+        return out
     dd = datasets.DatasetDict(
         {
             "train": datasets.Dataset.from_dict({"text": texts[:N_TRAIN]}),
