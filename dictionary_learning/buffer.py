@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from .tokens import TextSource, TokenStream, pack_texts, pad_texts  # noqa: F401  (re-exported)
-from .utils import parse_dtype
+from .utils import DataExhausted, parse_dtype
 
 SITES = ("resid_post", "resid_pre", "mlp_out")
 
@@ -108,23 +108,6 @@ def _hook_points(model, layers: list[int], site: str) -> list[tuple[str, object]
     _check_site(site)
     envoys = {L: get_hook_module(model, L, site) for L in layers}  # validates each layer
     return [(hook_name(L, site), envoys[L]) for L in sorted(envoys)]
-
-
-# ---------------------------------------------------------------------------- end of data
-
-
-class DataExhausted(RuntimeError):
-    """The data ran out (after `epochs` passes). Carries the counts at that point."""
-
-    def __init__(
-        self, tokens_yielded: int, texts_consumed: int | None, epochs: int | None, where: str = "buffer"
-    ):
-        self.tokens_yielded, self.texts_consumed, self.epochs = tokens_yielded, texts_consumed, epochs
-        texts = "" if texts_consumed is None else f" from {texts_consumed} texts"
-        super().__init__(
-            f"{where}: data exhausted after {epochs} epoch(s): {tokens_yielded} tokens yielded"
-            f"{texts}; use more data or a larger `epochs` (None = repeat forever)"
-        )
 
 
 # ---------------------------------------------------------------------------- buffer

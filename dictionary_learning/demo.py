@@ -155,7 +155,7 @@ def model_shape(cfg: DemoConfig) -> tuple[int, int]:
 
 def sweep(cfg: DemoConfig, d_model: int, steps: int) -> list:
     """One TrainerConfig per point of widths x sparsity x lrs x seeds."""
-    from dictionary_learning.trainer import TrainerConfig
+    from dictionary_learning.config import TrainerConfig
 
     if cfg.sparsity_mode == "target_l0":
         sparsity = [
@@ -353,7 +353,8 @@ def activations(cfg: DemoConfig, args, model, train_texts, steps: int, out_dir: 
 def validation_activations(cfg: DemoConfig, model, texts):
     """cfg.val_tokens held-out activations [N, d] (or None) from the validation split, by the training
     buffer's rules (windows, BOS, special and massive tokens), for the held-out metrics during training."""
-    from dictionary_learning.buffer import ActivationBuffer, DataExhausted
+    from dictionary_learning.buffer import ActivationBuffer
+    from dictionary_learning.utils import DataExhausted
 
     if not cfg.val_tokens or model is None or not texts:
         return None
@@ -370,6 +371,7 @@ def validation_activations(cfg: DemoConfig, model, texts):
 def evaluate_run(run_dir: Path, cfg: DemoConfig, args) -> list[dict]:
     """Evaluate every SAE under run_dir on the held-out split; returns their eval_results."""
     from dictionary_learning import eval_report
+    from dictionary_learning.runs import find_saes
 
     argv = [str(run_dir), "--n-tokens", str(cfg.eval_tokens), "--dtype", cfg.dtype]
     if cfg.device:
@@ -379,8 +381,7 @@ def evaluate_run(run_dir: Path, cfg: DemoConfig, args) -> list[dict]:
     if eval_report.main(argv) != 0:
         raise RuntimeError(f"evaluation of {run_dir} failed (see the messages above)")
     return [
-        {"folder": str(p), **json.loads((p / "eval_results.json").read_text())}
-        for p in eval_report.find_saes(run_dir)
+        {"folder": str(p), **json.loads((p / "eval_results.json").read_text())} for p in find_saes(run_dir)
     ]
 
 

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from .evaluation import EvalConfig, evaluate_many, load_sae, log_feature_density, save_sparsity
+from .runs import find_saes
 from .utils import atomic_path, git_commit, package_versions, read_json, read_jsonl, write_json
 
 log = logging.getLogger(__name__)
@@ -72,30 +73,6 @@ GEMMA_SCOPE_PROTOCOL = {"ctx_len": 1024, "prepend_bos": True}
 CURVE_KEYS = ("loss", "mse", "l0", "fve", "val_fve", "dead", "lr")
 DEFAULT_GROUP_SIZE = 16
 """Most SAEs evaluated together (sharing the clean and ablation passes), i.e. held in memory at once."""
-
-
-# ---------------------------------------------------------------------------- finding SAEs
-
-
-def find_saes(run_dir: str | Path) -> list[Path]:
-    """SAE locations under run_dir: folders with sae_weights.safetensors plus config.json or cfg.json
-    (checkpoints/ skipped), or run_dir itself when it is a params.npz file. Sorted."""
-    run_dir = Path(run_dir)
-    if run_dir.is_file() and run_dir.suffix == ".npz":
-        return [run_dir]
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: no such folder (or .npz file)")
-    found = [
-        p.parent
-        for p in run_dir.rglob("sae_weights.safetensors")
-        if "checkpoints" not in p.relative_to(run_dir).parts
-        and ((p.parent / "config.json").exists() or (p.parent / "cfg.json").exists())
-    ]
-    if not found:
-        raise FileNotFoundError(
-            f"{run_dir}: no SAE found (no folder with sae_weights.safetensors + config.json)"
-        )
-    return sorted(found)
 
 
 def _find(cfg: dict, *keys):

@@ -422,7 +422,7 @@ def test_bad_arguments_get_clear_errors(tiny_model):
 @pytest.fixture(scope="module")
 def trained_run(tiny_model_dir, tmp_path_factory):
     """A two-trainer sweep folder written by training.trainSAE (random data: only the files matter)."""
-    from dictionary_learning.trainer import TrainerConfig
+    from dictionary_learning.config import TrainerConfig
     from dictionary_learning.training import trainSAE
 
     root = tmp_path_factory.mktemp("cli")
@@ -622,14 +622,14 @@ def assert_png(path):
 
 
 def test_find_saes_skips_checkpoints_and_needs_a_config(tmp_path):
-    from dictionary_learning import eval_report
+    from dictionary_learning.runs import find_saes
 
     sae = random_sae()
     for sub in ("a", "b", "a/checkpoints/step_00000064"):
         sae.save(tmp_path / sub, {"model": "m", "layer": 1, "site": "resid_post"})
     (tmp_path / "b" / "config.json").unlink()
     (tmp_path / "b" / "cfg.json").unlink()  # weights alone are not an SAE folder
-    assert eval_report.find_saes(tmp_path) == [tmp_path / "a"]
-    assert eval_report.find_saes(tmp_path / "a") == [tmp_path / "a"]
+    assert find_saes(tmp_path) == [tmp_path / "a"]
+    assert find_saes(tmp_path / "a") == [tmp_path / "a"]
     with pytest.raises(FileNotFoundError, match="no SAE found"):
-        eval_report.find_saes(tmp_path / "b")
+        find_saes(tmp_path / "b")
