@@ -27,8 +27,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dictionary_learning.buffer import ActivationBuffer, DataExhausted, get_layers, pack_texts  # noqa: E402
-from dictionary_learning.utils import load_language_model  # noqa: E402
+from dictionary_learning.buffer import ActivationBuffer, get_layers  # noqa: E402
+from dictionary_learning.tokens import pack_texts  # noqa: E402
+from dictionary_learning.utils import DataExhausted, load_language_model  # noqa: E402
 
 FALLBACK_TEXTS = [
     "The patient presented with chest pain radiating to the left arm and diaphoresis.",

@@ -7,8 +7,7 @@ Hook points are addressed by (layer, site) and named like SAELens/TransformerLen
     resid_pre   input of decoder layer L  (= resid_post of layer L-1)
     mlp_out     what the MLP adds to the residual stream (Gemma-2: after post_feedforward_layernorm)
 
-Texts become model inputs in tokens.py (text sources, packing rule, padding); pack_texts and
-pad_texts are re-exported here. BOS, EOS and PAD positions (by token id) are never yielded.
+Texts become model inputs in tokens.py (text sources, packing rule, padding). BOS, EOS and PAD positions (by token id) are never yielded.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from .tokens import TextSource, TokenStream, pack_texts, pad_texts  # noqa: F401  (re-exported)
+from .tokens import TextSource, TokenStream
 from .utils import DataExhausted, parse_dtype
 
 SITES = ("resid_post", "resid_pre", "mlp_out")

@@ -1,7 +1,7 @@
 """CLI of the evaluation, and its reports: per-trainer eval_results.json, sparsity.safetensors and
 density histogram, a sweep summary (CSV + markdown), frontier plots and training curves.
 
-    python -m dictionary_learning.evaluation RUN_DIR [--n-tokens N] [--batch-size B] [--ctx-len T]
+    python -m dictionary_learning.eval_report RUN_DIR [--n-tokens N] [--batch-size B] [--ctx-len T]
         [--device D] [--dataset SPEC] [--model NAME --layer L --site S]
 
 RUN_DIR is one trainer folder (sae_weights.safetensors + config.json), a folder holding several

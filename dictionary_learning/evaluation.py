@@ -40,7 +40,7 @@ Metrics (per token means unless stated; x: activation, x̂: reconstruction, f: l
 - `*_ci`: the 95% bootstrap interval [lo, hi] of frac_variance_explained(_centred), delta_loss,
   frac_recovered(_mean) and kl_div.
 
-CLI: `python -m dictionary_learning.evaluation RUN_DIR ...` (eval_report.py holds the CLI, the summary
+CLI: `python -m dictionary_learning.eval_report RUN_DIR ...` (eval_report.py holds the CLI, the summary
 tables and the plots).
 """
 
@@ -445,9 +445,3 @@ def save_sparsity(path, fire_counts: torch.Tensor, n_tokens: int) -> None:
 
     with atomic_path(path) as tmp:
         save_file({"sparsity": log_feature_density(fire_counts, n_tokens).contiguous()}, str(tmp))
-
-
-if __name__ == "__main__":
-    from .eval_report import main
-
-    raise SystemExit(main())

@@ -312,14 +312,18 @@ class JumpReluTrainer:
             elif p.grad.stride() != p.stride():
                 p.grad = torch.empty_like(p).copy_(p.grad)
         W_dec = params["W_dec"]
-        if c.unit_norm_decoder:  # a block of rows at a time: no [m, d] temporary
-            for r in range(0, W_dec.shape[0], 256):
-                g, w = W_dec.grad[r : r + 256], W_dec[r : r + 256]
+        if c.unit_norm_decoder:  # a few rows at a time, so the second read comes from cache
+            rows = max(1, 2**17 // W_dec.shape[1])
+            for g, w in zip(W_dec.grad.split(rows), W_dec.split(rows)):
                 g.addcmul_(torch.linalg.vecdot(g, w).unsqueeze(1), w, value=-1.0)
+        self.optimizer.grad_scale = None
         if c.max_grad_norm is not None:  # = clip_grad_norm_, minus the no-op ×1 pass when not clipping
             total = torch.nn.utils.get_total_norm([p.grad for p in params.values()])
             if total > c.max_grad_norm:
-                torch.nn.utils.clip_grads_with_norm_(list(params.values()), c.max_grad_norm, total)
+                if self.optimizer.defaults.get("fused"):  # the fused kernel divides by it: one pass fewer
+                    self.optimizer.grad_scale = (total + 1e-6) / c.max_grad_norm
+                else:
+                    torch.nn.utils.clip_grads_with_norm_(list(params.values()), c.max_grad_norm, total)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()

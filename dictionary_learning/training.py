@@ -60,9 +60,8 @@ def run_config(trainer: JumpReluTrainer, run_meta: dict, norm_factor: float | No
     asdict = lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)
     meta = json.loads(json.dumps(run_meta, default=asdict))  # BufferConfig etc. -> dicts
     buf = meta.get("buffer") or meta.get("buffer_config") or {}
-    if not isinstance(buf, dict):
-        buf = {"max_norm_multiple": None}
-    return {
+    buf = buf if isinstance(buf, dict) else {}
+    cfg = {
         "trainer": trainer.cfg.to_dict(),
         "model_name": meta["model"],
         "hook_name": meta.get("hook"),
@@ -79,6 +78,9 @@ def run_config(trainer: JumpReluTrainer, run_meta: dict, norm_factor: float | No
         "versions": package_versions(),
         "git_commit": git_commit(),
     }
+    if "max_norm_multiple" not in buf and "max_norm_multiple" not in meta:
+        del cfg["max_norm_multiple"]  # unknown: a recorded None would mean "no massive-token rule"
+    return cfg
 
 
 def _trainer(cfg, steps: int) -> JumpReluTrainer:

@@ -14,7 +14,6 @@ from nnsight.modeling.transformers import TransformersModel
 from dictionary_learning.buffer import (
     SITES,
     ActivationBuffer,
-    DataExhausted,
     get_hook_module,
     get_layers,
     hook_name,
@@ -22,7 +21,7 @@ from dictionary_learning.buffer import (
     set_hook_value,
 )
 from dictionary_learning.tokens import pack_texts, pad_texts, position_ids
-from dictionary_learning.utils import prepare_embedded_model
+from dictionary_learning.utils import DataExhausted, prepare_embedded_model
 
 TEXTS = [
     "The heart pumps blood through the body.",

@@ -10,9 +10,9 @@ import transformers
 from nnsight.modeling.transformers import TransformersModel
 
 from dictionary_learning import cache as cache_mod
-from dictionary_learning.buffer import ActivationBuffer, DataExhausted
+from dictionary_learning.buffer import ActivationBuffer
 from dictionary_learning.cache import ActivationCache, push_cache_to_hub, write_cache
-from dictionary_learning.utils import prepare_embedded_model
+from dictionary_learning.utils import DataExhausted, prepare_embedded_model
 
 
 def batches(n_batches=7, B=13, d=6, dtype=torch.float32, seed=0):

@@ -599,7 +599,7 @@ def test_cli_bad_run_dir_exits_2_with_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     for target in (tmp_path / "missing", tmp_path / "empty"):
         r = subprocess.run(
-            [sys.executable, "-m", "dictionary_learning.evaluation", str(target)],
+            [sys.executable, "-m", "dictionary_learning.eval_report", str(target)],
             capture_output=True,
             text=True,
             timeout=120,
