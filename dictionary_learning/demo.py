@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--dict-size", "--widths", dest="widths", type=_list(int), help="e.g. 4608 or 2304,4608")
     o.add_argument("--target-l0s", type=_list(float), help="e.g. 20,40,80")
     o.add_argument("--sparsity-coeffs", type=_list(float))
-    o.add_argument("--sparsity-mode", choices=["target_l0", "l0"])
+    o.add_argument("--sparsity-mode", choices=["target_l0", "l0", "tanh"])
     o.add_argument("--lrs", type=_list(float))
     o.add_argument("--seeds", type=_list(int))
     o.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU where present)")
@@ -171,6 +171,7 @@ def sweep(cfg: DemoConfig, d_model: int, steps: int) -> list:
             seed=seed,
             steps=steps,
             sparsity_mode=cfg.sparsity_mode,
+            pre_act_loss_coeff=cfg.pre_act_loss_coeff,
             bandwidth=cfg.bandwidth,
             threshold_init=cfg.threshold_init,
             warmup_steps=cfg.warmup_steps,

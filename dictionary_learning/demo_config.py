@@ -56,7 +56,8 @@ class DemoConfig:
     widths: list[int] = field(default_factory=lambda: [4608])
     """Dictionary sizes (dict_size) to sweep."""
     sparsity_mode: str = "target_l0"
-    """'target_l0' (lambda * (L0/target - 1)^2, the original pipeline) or 'l0' (the paper: lambda * L0)."""
+    """'target_l0' (lambda * (L0/target - 1)^2, the original pipeline), 'l0' (the paper: lambda * L0) or
+    'tanh' (Anthropic's smooth L0: lambda * mean sum tanh(4 * f * |W_dec row|))."""
     target_l0s: list[float] = field(default_factory=lambda: [32, 64, 128])
     """Target L0 per trainer (sparsity_mode 'target_l0')."""
     sparsity_coeffs: list[float] = field(default_factory=lambda: [1.0])
@@ -65,6 +66,9 @@ class DemoConfig:
     """Adam learning rates to sweep."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """SAE initialisation seeds to sweep."""
+    pre_act_loss_coeff: float | None = None
+    """Weight of Anthropic's pre-activation loss on dead latents (TrainerConfig.pre_act_loss_coeff;
+    SAELens suggests 3e-6); None: off."""
     bandwidth: float = 0.001
     """Straight-through estimator bandwidth epsilon (on normalised activations)."""
     threshold_init: float = 0.001

@@ -196,11 +196,13 @@ class JumpReluTrainer:
             terms["sparsity_loss"] = coeff * tanh_penalty(codes.f, norm, c.tanh_scale, B)
         else:
             terms["sparsity_loss"] = self.sparsity_penalty(self.global_l0(codes.l0, B), coeff)
-        if dead is not None:
-            norm = ae.W_dec.index_select(0, dead).norm(dim=1)
-            terms["pre_act_loss"] = c.pre_act_loss_coeff * pre_act_loss(
-                codes.pre_acts_at, ae.threshold[dead], norm
+        if c.pre_act_loss_coeff:  # 0 while no latent is dead
+            pre = (
+                0.0
+                if dead is None
+                else pre_act_loss(codes.pre_acts_at, ae.threshold[dead], ae.W_dec[dead].norm(dim=1))
             )
+            terms["pre_act_loss"] = c.pre_act_loss_coeff * torch.as_tensor(pre, device=x.device)
         return terms, codes, x_hat
 
     def compute_grads(self, x: torch.Tensor, coeff: float, backward: str | None = None) -> dict:

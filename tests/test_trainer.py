@@ -353,6 +353,77 @@ def test_recovers_ground_truth_features():
     assert abs(l0 - n_true.mean()) <= 0.3 * n_true.mean(), (float(l0), float(n_true.mean()))
 
 
+# ---------------------------------------------------------------------------- loss options
+
+
+def option_reference(t, x, coeff, dead):
+    """Plain autograd on dense tensors through jumprelu.py's JumpReLUFunction (and StepFunction for
+    L0 modes), with the two options' formulas written out here: tanh penalty (1/B)·Σ tanh(c·f·‖W_dec_j‖),
+    pre-activation loss (1/B)·Σ_{dead j} ReLU(θ_j − z)·‖W_dec_j‖. Returns {name: gradient}."""
+    c = t.cfg
+    P = {n: p.detach().clone().requires_grad_(True) for n, p in t.params.items()}
+    z = x @ P["W_enc"].T + P["b_enc"]
+    f = J.jumprelu(z, P["threshold"], c.bandwidth)
+    norms = P["W_dec"].norm(dim=1)
+    loss = ((x - (f @ P["W_dec"] + P["b_dec"])) ** 2).sum(1).mean()
+    if c.sparsity_mode == "tanh":
+        loss = loss + coeff * torch.tanh(c.tanh_scale * f * norms).sum(1).mean()
+    else:
+        loss = loss + t.sparsity_penalty(J.step(z, P["threshold"], c.bandwidth).sum(1).mean(), coeff)
+    if c.pre_act_loss_coeff:
+        loss = loss + c.pre_act_loss_coeff * ((P["threshold"] - z).relu() * norms)[:, dead].sum(1).mean()
+    loss.backward()
+    return {n: p.grad for n, p in P.items()}
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+@pytest.mark.parametrize("option", ["tanh", "pre_act", "both"])
+def test_loss_options_agree_with_autograd(option, kind):
+    kw = dict(sparsity_mode="tanh", tanh_scale=3.0) if option in ("tanh", "both") else {}
+    if option in ("pre_act", "both"):
+        kw["pre_act_loss_coeff"] = 0.3
+    t = JumpReluTrainer(activation_dim=24, dict_size=80, device=DEVICE, bandwidth=0.02, sparsity_coeff=0.7,
+                        seed=1, dead_feature_threshold=50, **kw)  # fmt: skip
+    x = randomise(t, seed=2, quantile=0.9)
+    dead = torch.arange(3, 80, 7, device=DEVICE)  # latents 3, 10, ...: silent for 60 tokens > 50
+    t.tokens_since_fired[dead] = 60
+    assert torch.equal(t.dead_latents(), dead)
+    ref = option_reference(t, x, 0.7, dead)
+    s = t.compute_grads(x, coeff=0.7, backward=kind)
+    assert t.last_backward == kind and ("pre_act_loss" in s) == (option != "tanh")
+    for n, g in ref.items():
+        assert g.abs().sum() > 0, n
+        assert (t.params[n].grad - g).norm() <= 1e-5 * g.norm(), (option, kind, n)
+
+
+def test_tanh_penalty_trains_sparser_with_a_larger_coefficient():
+    l0 = [_train_l0(sparsity_mode="tanh", sparsity_coeff=c) for c in (0.003, 0.03, 0.3)]
+    assert l0[0] > l0[1] > l0[2], l0
+
+
+def test_pre_act_loss_revives_dead_latents():
+    """Latents whose b_enc is far below θ never fire, so no gradient reaches them; the pre-activation
+    loss pushes their z up until they fire again. Without it they stay dead."""
+    _, sample = superposition(16, 32, 4 / 32)
+    fired = {}
+    for coeff in (None, 0.05):
+        t = JumpReluTrainer(activation_dim=16, dict_size=32, steps=300, warmup_steps=20, sparsity_warmup_steps=100,
+                            sparsity_mode="l0", sparsity_coeff=0.03, dead_feature_threshold=256,
+                            pre_act_loss_coeff=coeff, **SMALL)  # fmt: skip
+        t.set_norm_factor(estimate_norm_factor([sample(1024)[0]]))
+        with torch.no_grad():
+            t.ae.b_enc[:8] = -3.0  # latents 0..7: z far below θ on every token
+        counts = torch.zeros(32, dtype=torch.int64, device=DEVICE)
+        for s in range(300):
+            out = t.update(s, sample(128)[0])
+            if s >= 250:
+                counts += t.fire_counts
+            t.firing_density()  # a new window every step
+        fired[coeff] = int((counts[:8] > 0).sum())
+        assert math.isfinite(out["loss"]) and ("pre_act_loss" in out) == (coeff is not None)
+    assert fired[None] == 0 and fired[0.05] >= 6, fired
+
+
 # ---------------------------------------------------------------------------- normalisation
 
 
