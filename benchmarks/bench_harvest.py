@@ -27,7 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dictionary_learning.buffer import ActivationBuffer, get_layers  # noqa: E402
+from dictionary_learning.buffer import ActivationBuffer  # noqa: E402
+from dictionary_learning.hooks import get_layers  # noqa: E402
 from dictionary_learning.tokens import pack_texts  # noqa: E402
 from dictionary_learning.utils import DataExhausted, load_language_model  # noqa: E402
 

@@ -10,6 +10,14 @@ from .jumprelu import SPARSITY_MODES
 from .utils import default_device, dtype_name, parse_dtype
 
 BACKWARDS = ("auto", "sparse", "dense")
+# Where 'auto' switches from the sparse to the dense branch, by device and autocast, from the crossover
+# of the two (bench_train.py --crossover, on the hand-written step the encoder Function replaced):
+#   CPU (2 threads, fp32): 0.09 at d=2304, m=16384, B=1024; 0.16 at d=576, m=4608, B=4096; 0.3 at
+#     d=576, m=4608, B=1024. 0.1 is right where a wrong choice costs most (the large SAE).
+#   H200, fp32: 0.023 at d=2304, m=65536, B=4096. bf16 autocast: the dense step (bf16 GEMMs) is
+#     faster from density 0.02 up; the sparse step won at density 0.0009 (m=65536, L0 ~60: 23 vs
+#     34 ms) and lost at 0.0034 (m=16384, L0 ~55: 6.4 vs 5.0 ms) and 0.012 (m=4608: 3.8 vs 3.1 ms).
+SPARSE_MAX_DENSITY = {("cpu", False): 0.1, ("cpu", True): 0.1, ("gpu", False): 0.02, ("gpu", True): 0.002}
 
 
 @dataclass
@@ -76,7 +84,7 @@ class TrainerConfig:
     tensors), or 'auto' (sparse while at most sparse_max_density of the pairs are such)."""
     sparse_max_density: float | None = None
     """'auto' runs the sparse branch while the fraction of (token, latent) pairs near or above θ is
-    at most this; None: the measured default for the device (trainer.SPARSE_MAX_DENSITY)."""
+    at most this; None: the measured default for the device (SPARSE_MAX_DENSITY)."""
     extra: dict = field(default_factory=dict)
     """Free-form JSON metadata carried into config.json."""
 
@@ -153,6 +161,15 @@ class TrainerConfig:
         if unknown:
             raise ValueError(f"TrainerConfig: unknown field(s) {sorted(unknown)}")
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    def max_density(self, device_type: str) -> float:
+        """sparse_max_density, or the measured default for the device type (0: always the dense branch,
+        as for a dtype other than float32)."""
+        if self.dtype != "float32":
+            return 0.0
+        if self.sparse_max_density is not None:
+            return self.sparse_max_density
+        return SPARSE_MAX_DENSITY["cpu" if device_type == "cpu" else "gpu", self.autocast is not None]
 
     def replace(self, **changes) -> TrainerConfig:
         return dataclasses.replace(self, **changes)

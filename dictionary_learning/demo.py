@@ -186,7 +186,7 @@ def sweep(cfg: DemoConfig, d_model: int, steps: int) -> list:
 
 
 def run_meta(cfg: DemoConfig, buffer_cfg: dict | None = None) -> dict:
-    from dictionary_learning.buffer import hook_name
+    from dictionary_learning.hooks import hook_name
 
     return {
         "model": cfg.model,

@@ -52,7 +52,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .buffer import get_hook_module, hook_name, hook_value, massive_record, set_hook_value
+from .buffer import massive_record
+from .hooks import get_hook_module, hook_name, traced_forward
 from .metrics import (
     BOOTSTRAP_RESAMPLES,
     ReconstructionStats,
@@ -65,9 +66,6 @@ from .metrics import (
 from .tokens import adds_bos, pack_texts
 
 log = logging.getLogger(__name__)
-
-DENSITY_FLOOR = 1e-10
-"""Floor of the per-latent firing density before log10 (dead latents get log10(1e-10) = -10)."""
 
 
 @dataclass
@@ -99,14 +97,6 @@ class EvalConfig:
 # ---------------------------------------------------------------------------- pure metrics
 
 
-def log_feature_density(
-    fire_counts: torch.Tensor, n_tokens: int, floor: float = DENSITY_FLOOR
-) -> torch.Tensor:
-    """log10 firing density per latent [m] (SAELens `sparsity.safetensors`); never-firing -> log10(floor)."""
-    density = fire_counts.double() / max(n_tokens, 1)
-    return density.clamp_min(floor).log10().float()
-
-
 def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, keep: torch.Tensor):
     """Log-probabilities at the loss positions: those whose NEXT token is kept.
 
@@ -123,26 +113,6 @@ def _ratio(a: float, b: float) -> float:
 
 
 # ---------------------------------------------------------------------------- model plumbing
-
-
-@torch.no_grad()
-def traced_forward(model, envoy, site: str, input_ids: torch.Tensor, replacement=None, stop_at_hook=False):
-    """One traced forward pass on input_ids [B, T].
-
-    replacement None: returns (activation [B, T, d], logits [B, T, V] or None when stop_at_hook).
-    replacement [B, T, d]: the activation at the hook is replaced; returns (None, logits).
-    """
-    act = logits = None
-    with model.trace(input_ids) as tracer:
-        if replacement is not None:
-            set_hook_value(envoy, site, replacement)
-        else:
-            act = hook_value(envoy, site).save()
-            if stop_at_hook:
-                tracer.stop()
-        if not stop_at_hook:
-            logits = model.output.logits.save()
-    return act, logits
 
 
 def select_contexts(texts: list[str], tokenizer, ctx_len: int, n_tokens: int, exclude_first_k: int = 0,
@@ -424,24 +394,3 @@ def _nan_to_none(v):
     if isinstance(v, list):
         return [_nan_to_none(x) for x in v]
     return v
-
-
-# ---------------------------------------------------------------------------- SAEs and artefacts
-
-
-def load_sae(path: str, device: str | None = None):
-    """Any SAE `JumpReluAutoEncoder.from_pretrained` reads (our run folder, a SAELens folder, a Gemma
-    Scope params.npz), in fp32, ready for `evaluate`."""
-    from .dictionary import JumpReluAutoEncoder
-
-    return JumpReluAutoEncoder.from_pretrained(path, device=device, dtype=torch.float32)
-
-
-def save_sparsity(path, fire_counts: torch.Tensor, n_tokens: int) -> None:
-    """Write SAELens-style `sparsity.safetensors`: key `sparsity` = log10 firing density [m] (atomic)."""
-    from safetensors.torch import save_file
-
-    from .utils import atomic_path
-
-    with atomic_path(path) as tmp:
-        save_file({"sparsity": log_feature_density(fire_counts, n_tokens).contiguous()}, str(tmp))

@@ -174,9 +174,7 @@ class Codes(NamedTuple):
     l0: torch.Tensor  # scalar (1/B)·Σ H(z − θ), differentiable w.r.t. θ by the Step pseudo-derivative
     counts: torch.Tensor  # [m] int: on how many tokens each latent is active
     pairs: Pairs | None  # None: the dense branch ran and f is [B, m]
-    pre_acts_at: (
-        torch.Tensor | None
-    )  # [B, k] z of the latents `columns` asked for, every token (true gradient)
+    pre_acts_at: torch.Tensor | None  # [B, k] z of the latents `columns` asked for (true gradient)
 
 
 class Workspace:
@@ -246,13 +244,8 @@ class JumpReLUEncoder(torch.autograd.Function):
         found = None
         if max_density > 0:
             found = candidates(xW, lo - rel * lo.abs() - err, max_count=max_density * B * m)
-        ctx.dims, ctx.bandwidth, ctx.matmul_dtype, ctx.columns, ctx.ws = (
-            (B, m),
-            bandwidth,
-            matmul_dtype,
-            columns,
-            ws,
-        )
+        ctx.dims, ctx.bandwidth, ctx.matmul_dtype = (B, m), bandwidth, matmul_dtype
+        ctx.columns, ctx.ws = columns, ws
         if found is not None:  # sparse branch
             pre_at = None if columns is None else xW.index_select(1, columns).add_(b_enc[columns])
             rows, cols, pre_acts = found
@@ -285,15 +278,13 @@ class JumpReLUEncoder(torch.autograd.Function):
             pre_at = None if columns is None else pre_acts.index_select(1, columns)
             window = None
             if needs_grad:  # θ's gradient needs only the pairs in the kernel window: found by one scan
-                rows, cols, z_w = candidates(
-                    pre_acts, threshold - bandwidth / 2 - tiny, threshold + bandwidth / 2 + tiny
-                )
+                half = bandwidth / 2 + tiny
+                rows, cols, z_w = candidates(pre_acts, threshold - half, threshold + half)
                 window = (rows.long() * m + cols, cols, z_w, threshold.index_select(0, cols))
             active = pre_acts > threshold
             counts = active.sum(0, dtype=torch.int32)
-            f = pre_acts.mul_(active).view_as(
-                pre_acts
-            )  # the buffer holds f now (a view: not the buffer object)
+            # the buffer holds f now; a view of it is returned (autograd then marks the view, not the buffer)
+            f = pre_acts.mul_(active).view_as(pre_acts)
             ctx.pairs, ctx.window = None, window
             ctx.save_for_backward(x, W_enc_t, active)
         l0 = counts.sum().to(threshold.dtype) / B

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_LEVEL = 0.95
+DENSITY_FLOOR = 1e-10
+"""Floor of the per-latent firing density before log10 (dead latents get log10(1e-10) = -10)."""
 
 
 def _sq(v: torch.Tensor) -> torch.Tensor:
@@ -158,3 +160,11 @@ def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor
     stats = ReconstructionStats(x.shape[-1], f.shape[-1], device=x.device)
     stats.update(x, x_hat, f)
     return stats.compute()
+
+
+def log_feature_density(
+    fire_counts: torch.Tensor, n_tokens: int, floor: float = DENSITY_FLOOR
+) -> torch.Tensor:
+    """log10 firing density per latent [m] (SAELens `sparsity.safetensors`); never-firing -> log10(floor)."""
+    density = fire_counts.double() / max(n_tokens, 1)
+    return density.clamp_min(floor).log10().float()

@@ -34,14 +34,6 @@ from .jumprelu import (
 from .metrics import ReconstructionStats, fve
 from .utils import parse_dtype
 
-# Where 'auto' switches from the sparse to the dense branch, by device and autocast, from the crossover
-# of the two (bench_train.py --crossover, on the hand-written step this Function replaced):
-#   CPU (2 threads, fp32): 0.09 at d=2304, m=16384, B=1024; 0.16 at d=576, m=4608, B=4096; 0.3 at
-#     d=576, m=4608, B=1024. 0.1 is right where a wrong choice costs most (the large SAE).
-#   H200, fp32: 0.023 at d=2304, m=65536, B=4096. bf16 autocast: the dense step (bf16 GEMMs) is
-#     faster from density 0.02 up; the sparse step won at density 0.0009 (m=65536, L0 ~60: 23 vs
-#     34 ms) and lost at 0.0034 (m=16384, L0 ~55: 6.4 vs 5.0 ms) and 0.012 (m=4608: 3.8 vs 3.1 ms).
-SPARSE_MAX_DENSITY = {("cpu", False): 0.1, ("cpu", True): 0.1, ("gpu", False): 0.02, ("gpu", True): 0.002}
 STATE_FORMAT = 1
 
 
@@ -59,15 +51,6 @@ def estimate_norm_factor(batches: Iterable[torch.Tensor]) -> float:
     if not total > 0:
         raise ValueError("estimate_norm_factor: all activations are zero")
     return math.sqrt(total / n)
-
-
-def make_adam(params: list[torch.Tensor], lr: float, betas: tuple, eps: float) -> torch.optim.Adam:
-    """torch.optim.Adam: the fused kernel where this torch build has it (several times faster on CPU;
-    same update as the for-loop Adam up to the last bit), else foreach."""
-    try:
-        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=True)
 
 
 class JumpReluTrainer:
@@ -94,7 +77,11 @@ class JumpReluTrainer:
         # out in its layout, and the fused Adam kernel (which copies non-contiguous tensors) is one pass.
         self.params = {n: getattr(self.ae, n) for n in TENSOR_NAMES}
         self.params["W_enc"] = torch.nn.Parameter(self.ae.W_enc.detach().T)
-        self.optimizer = make_adam(list(self.params.values()), c.lr, c.adam_betas, c.adam_eps)
+        adam = dict(lr=c.lr, betas=c.adam_betas, eps=c.adam_eps)
+        try:  # the fused kernel where this torch has it (several times faster on CPU; same update up to the last bit)
+            self.optimizer = torch.optim.Adam(list(self.params.values()), **adam, fused=True)
+        except (RuntimeError, ValueError):
+            self.optimizer = torch.optim.Adam(list(self.params.values()), **adam, foreach=True)
         self.reduce_sum: Callable[[torch.Tensor], None] | None = None
         self.workspace = Workspace()
         self.step = 0  # steps done
@@ -109,15 +96,6 @@ class JumpReluTrainer:
     @property
     def name(self) -> str:
         return self.cfg.name
-
-    @property
-    def sparse_max_density(self) -> float:
-        """cfg.sparse_max_density, or the measured default for this device (SPARSE_MAX_DENSITY)."""
-        if self.cfg.sparse_max_density is not None:
-            return self.cfg.sparse_max_density
-        return SPARSE_MAX_DENSITY[
-            "cpu" if self.device.type == "cpu" else "gpu", self.cfg.autocast is not None
-        ]
 
     def set_norm_factor(self, f: float) -> None:
         """x is divided by f inside update (f = sqrt(E‖x‖²), see estimate_norm_factor)."""
@@ -156,9 +134,8 @@ class JumpReluTrainer:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"update step {step}: x must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim < 2 or x.shape[-1] != self.cfg.activation_dim:
-            raise ValueError(
-                f"update step {step}: x has shape {tuple(x.shape)}, expected [batch, {self.cfg.activation_dim}]"
-            )
+            want = f"[batch, {self.cfg.activation_dim}]"
+            raise ValueError(f"update step {step}: x has shape {tuple(x.shape)}, expected {want}")
         x = x.reshape(-1, x.shape[-1])
         if x.shape[0] == 0:
             raise ValueError(f"update step {step}: empty batch")
@@ -171,18 +148,15 @@ class JumpReluTrainer:
             x = x / self.cfg.norm_factor
         return x
 
-    def loss_terms(
-        self, x: torch.Tensor, coeff: float, backward: str | None = None
-    ) -> tuple[dict, object, torch.Tensor]:
-        """The loss on the normalised batch x [B, d] as named scalar terms (their sum is the loss), the
-        encoder's Codes and x̂ [B, d]: the forward pass of one step, in autograd."""
+    def loss_terms(self, x: torch.Tensor, coeff: float, backward: str | None = None) -> tuple:
+        """The forward pass of one step, in autograd: the loss on the normalised batch x [B, d] as named
+        scalar terms (their sum is the loss), the encoder's Codes and x̂ [B, d]."""
         c, ae, B = self.cfg, self.ae, x.shape[0]
         kind = backward or c.backward
         if kind not in BACKWARDS:
             raise ValueError(f"backward must be one of {BACKWARDS}, got {kind!r}")
-        density = {"sparse": 1.0, "dense": 0.0}.get(
-            kind, self.sparse_max_density if c.dtype == "float32" else 0.0
-        )
+        fp32 = c.dtype == "float32"
+        density = c.max_density(self.device.type) if kind == "auto" else float(kind == "sparse" and fp32)
         low = parse_dtype(c.autocast) if c.autocast else None
         dead = self.dead_latents() if c.pre_act_loss_coeff else None
         codes = encode(x, self.params["W_enc"], ae.b_enc, ae.threshold, c.bandwidth, max_density=density,
@@ -197,12 +171,10 @@ class JumpReluTrainer:
         else:
             terms["sparsity_loss"] = self.sparsity_penalty(self.global_l0(codes.l0, B), coeff)
         if c.pre_act_loss_coeff:  # 0 while no latent is dead
-            pre = (
-                0.0
-                if dead is None
-                else pre_act_loss(codes.pre_acts_at, ae.threshold[dead], ae.W_dec[dead].norm(dim=1))
-            )
-            terms["pre_act_loss"] = c.pre_act_loss_coeff * torch.as_tensor(pre, device=x.device)
+            terms["pre_act_loss"] = x.new_zeros((), dtype=torch.float32)
+            if dead is not None:
+                pre = pre_act_loss(codes.pre_acts_at, ae.threshold[dead], ae.W_dec[dead].norm(dim=1))
+                terms["pre_act_loss"] = c.pre_act_loss_coeff * pre
         return terms, codes, x_hat
 
     def compute_grads(self, x: torch.Tensor, coeff: float, backward: str | None = None) -> dict:
@@ -231,39 +203,30 @@ class JumpReluTrainer:
 
     @torch.no_grad()
     def _statistics(self, x: torch.Tensor, terms: dict, codes, x_hat: torch.Tensor) -> dict:
-        """Step statistics; under data parallel also the n_r/N-weighted sum of the gradients over the ranks
-        (one all_reduce: [n_r·grads, n_r·terms, n_r·L0, n_r | counts, Σx, Σ(x̂ − x), Σ‖x‖²])."""
+        """The step's statistics, as means over the batch's rows. Under data parallel these and the
+        gradients, each times this rank's rows n_r, are summed over the ranks in one all_reduce and divided
+        by N = Σ n_r: the global batch's statistics and the gradient of its loss."""
         xf, n = x.float(), x.shape[0]
-        scalars = {**{k: v.detach().float() for k, v in terms.items()}, "l0": codes.l0.detach().float()}
-        sums = [
-            codes.counts.float(),
-            xf.sum(0),
-            (x_hat.float() - xf).sum(0),
-            xf.reshape(-1).dot(xf.reshape(-1)),
-        ]
-        rows = n
+        scalars = {**terms, "l0": codes.l0}
+        means = {"scalars": torch.stack([v.detach().float() for v in scalars.values()]),
+                 "counts": codes.counts.float() / n, "mean_x": xf.mean(0), "mean_err": (x_hat.float() - xf).mean(0),
+                 "mean_sq_x": xf.reshape(-1).dot(xf.reshape(-1)).reshape(1) / n}  # fmt: skip
+        rows, counts = n, codes.counts
         if self.reduce_sum is not None:
             params = list(self.params.values())
-            weighted = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-            weighted += [*scalars.values(), torch.ones((), device=x.device)]
-            head = torch.cat([t.reshape(-1).float() for t in weighted]) * n
-            flat = torch.cat([head, *(s.reshape(-1) for s in sums)])
+            parts = [torch.zeros_like(p) if p.grad is None else p.grad for p in params] + list(means.values())
+            flat = torch.cat([t.reshape(-1).float() * n for t in parts] + [xf.new_full((1,), n)])
             self.reduce_sum(flat)
-            rows = flat[head.numel() - 1].clone()
-            flat[: head.numel()] /= rows
-            *grads, _ = flat[: head.numel()].split(
-                [t.numel() for t in weighted[: len(params)]] + [len(scalars) + 1]
-            )
-            for p, g in zip(params, grads):
+            rows = int(flat[-1])
+            parts = flat[:-1].div_(rows).split([t.numel() for t in parts])
+            for p, g in zip(params, parts):
                 p.grad = g.view(p.shape).to(p.dtype)
-            scalars = dict(zip(scalars, flat[head.numel() - len(scalars) - 1 : head.numel() - 1]))
-            sums = list(flat[head.numel() :].split([s.numel() for s in sums]))
-            rows = int(rows)
-        counts = sums[0].round().to(codes.counts.dtype) if self.reduce_sum else codes.counts
-        out = {"loss": sum(v for k, v in scalars.items() if k != "l0"), **scalars, "x_hat": x_hat,
-               "mean_err": sums[2] / rows, "fired": counts > 0, "counts": counts, "rows": torch.tensor(rows),
-               "mean_x": sums[1] / rows, "mean_sq_x": sums[3].reshape(()) / rows}  # fmt: skip
-        return out
+            means = dict(zip(means, parts[len(params) :]))
+            counts = (means["counts"] * rows).round().to(counts.dtype)
+        scalars = dict(zip(scalars, means["scalars"]))
+        return {**scalars, "loss": sum(v for k, v in scalars.items() if k != "l0"), "x_hat": x_hat,
+                "fired": counts > 0, "counts": counts, "rows": torch.tensor(rows), "mean_x": means["mean_x"],
+                "mean_err": means["mean_err"], "mean_sq_x": means["mean_sq_x"].reshape(())}  # fmt: skip
 
     def update(self, step: int, x: torch.Tensor) -> dict:
         """One optimiser step on raw activations x [B, d] (divided by norm_factor here). Returns floats:

@@ -11,9 +11,9 @@ import torch
 import transformers
 from nnsight.modeling.transformers import TransformersModel
 
-from dictionary_learning.buffer import (
+from dictionary_learning.buffer import ActivationBuffer
+from dictionary_learning.hooks import (
     SITES,
-    ActivationBuffer,
     get_hook_module,
     get_layers,
     hook_name,

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dictionary_learning import eval_report, metrics
 from dictionary_learning import evaluation as ev
 from dictionary_learning.dictionary import JumpReluAutoEncoder
 
@@ -122,7 +123,7 @@ def random_sae(d=D, m=4 * D, seed=0):
 
 
 def test_log_feature_density_has_floor():
-    got = ev.log_feature_density(torch.tensor([0, 1, 2, 4]), 4)
+    got = metrics.log_feature_density(torch.tensor([0, 1, 2, 4]), 4)
     want = torch.tensor([-10.0, math.log10(0.25), math.log10(0.5), 0.0])
     torch.testing.assert_close(got, want)
 
@@ -169,7 +170,7 @@ def test_dead_latents_and_sparsity_counts(tiny_model, tmp_path):
     assert r["dead_latents"] == int((counts == 0).sum()) >= 4
     assert r["frac_alive"] == pytest.approx(1 - r["dead_latents"] / (2 * D))
     assert r["l0"] == pytest.approx(counts.sum().item() / r["n_tokens"])
-    ev.save_sparsity(tmp_path / "sparsity.safetensors", counts, r["n_tokens"])
+    eval_report.save_sparsity(tmp_path / "sparsity.safetensors", counts, r["n_tokens"])
     from safetensors.torch import load_file
 
     s = load_file(tmp_path / "sparsity.safetensors")["sparsity"]
@@ -181,7 +182,7 @@ def test_dead_latents_and_sparsity_counts(tiny_model, tmp_path):
 def test_splice_matches_a_manual_forward_hook(tiny_model, site):
     """The nnsight splice equals replacing the same activation with a plain torch hook, and leaves
     no edit behind (the next clean run is clean)."""
-    from dictionary_learning.buffer import get_hook_module
+    from dictionary_learning.hooks import get_hook_module
     from dictionary_learning.tokens import pack_texts
 
     ids, keep = pack_texts(TEXTS[:8], tiny_model.tokenizer, 32)
@@ -399,7 +400,7 @@ def test_our_saelens_and_gemma_scope_files_give_identical_metrics(tiny_model, tm
     (saelens / "config.json").unlink()  # SAELens layout: cfg.json + sae_weights.safetensors only
     npz = sae.export_gemma_scope(tmp_path / "gs" / "params.npz")
     results = [
-        ev.evaluate(ev.load_sae(str(p)), tiny_model, LAYER, "resid_post", TEXTS, **KW)
+        ev.evaluate(eval_report.load_sae(str(p)), tiny_model, LAYER, "resid_post", TEXTS, **KW)
         for p in (ours, saelens, npz)
     ]
     direct = ev.evaluate(sae, tiny_model, LAYER, "resid_post", TEXTS, **KW)
@@ -528,7 +529,7 @@ def test_cli_evaluates_a_sweep_and_writes_reports(trained_run, monkeypatch):
     from dictionary_learning.utils import load_language_model
 
     direct = ev.evaluate(
-        ev.load_sae(str(dirs[0])),
+        eval_report.load_sae(str(dirs[0])),
         load_language_model(res["eval"]["model"], device="cpu"),
         LAYER,
         "resid_post",
@@ -546,7 +547,7 @@ def test_cli_evaluates_an_external_npz_by_the_same_procedure(trained_run, tmp_pa
     from dictionary_learning import eval_report
 
     root, dirs = trained_run
-    npz = ev.load_sae(str(dirs[0])).export_gemma_scope(tmp_path / "params.npz")
+    npz = eval_report.load_sae(str(dirs[0])).export_gemma_scope(tmp_path / "params.npz")
     args = ["--n-tokens", "300", "--batch-size", "3", "--no-progress"]
     ours = eval_report.main([str(dirs[0]), *args])
     ext = eval_report.main(
