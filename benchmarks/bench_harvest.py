@@ -103,9 +103,9 @@ def main() -> None:
     # One refill per LM batch, so the three pipelines can take turns at LM-batch granularity.
     common = dict(
         ctx_len=args.ctx_len,
-        refresh_batch_size=args.lm_batch,
+        lm_batch_size=args.lm_batch,
         n_ctxs=2 * args.lm_batch,
-        out_batch_size=args.lm_batch * args.ctx_len // 2,
+        batch_size=args.lm_batch * args.ctx_len // 2,
         device=str(model.device),
     )
     buf = ActivationBuffer(texts, model, args.layer, epochs=None, **common)

@@ -24,9 +24,9 @@ class BufferConfig:
     """Tokens per context (window when packing, truncation length when padding)."""
     n_ctxs: int = 256
     """Capacity in contexts: each refill harvests n_ctxs // 2 contexts (~n_ctxs * ctx_len / 2 tokens)."""
-    refresh_batch_size: int = 16
+    lm_batch_size: int = 16
     """Contexts per language-model forward pass."""
-    out_batch_size: int = 4096
+    batch_size: int = 4096
     """Activation vectors per yielded batch (the last batch of the data may be smaller)."""
     pack: bool = True
     """Pack texts into full windows (packing rule: tokens.py); False: one padded row per text."""
@@ -80,7 +80,7 @@ def seeded_generator(*parts: int) -> torch.Generator:
 class ActivationBuffer:
     """Stream texts through `model` (nnsight TransformersModel) and yield shuffled activations.
 
-    Yields [out_batch_size, d] tensors (a dict {hook_name: [B, d]} when `layer` is a list,
+    Yields [batch_size, d] tensors (a dict {hook_name: [B, d]} when `layer` is a list,
     harvested in one forward pass that stops after the deepest layer). Raises DataExhausted
     after `epochs` passes.
 
@@ -106,8 +106,8 @@ class ActivationBuffer:
         if unknown:
             raise ValueError(f"unknown buffer option(s) {sorted(unknown)}")
         self.cfg = cfg = BufferConfig(**{**asdict(cfg), **kwargs})
-        if cfg.ctx_len < 1 or cfg.n_ctxs < 2 or cfg.refresh_batch_size < 1 or cfg.out_batch_size < 1:
-            raise ValueError("ctx_len, refresh_batch_size, out_batch_size must be >= 1 and n_ctxs >= 2")
+        if cfg.ctx_len < 1 or cfg.n_ctxs < 2 or cfg.lm_batch_size < 1 or cfg.batch_size < 1:
+            raise ValueError("ctx_len, lm_batch_size, batch_size must be >= 1 and n_ctxs >= 2")
         if not 0 <= cfg.exclude_first_k < cfg.ctx_len:
             raise ValueError(f"exclude_first_k must be in [0, ctx_len), got {cfg.exclude_first_k}")
         if cfg.padding_side not in ("left", "right"):
@@ -195,7 +195,7 @@ class ActivationBuffer:
         ]
         index, n, done = [], 0, 0
         while done < n_ctx or n == 0:  # (a refill whose contexts had no kept token takes more)
-            batch = self.stream.next_batch(min(cfg.refresh_batch_size, max(n_ctx - done, 1)))
+            batch = self.stream.next_batch(min(cfg.lm_batch_size, max(n_ctx - done, 1)))
             if batch is None:
                 break
             ids, mask, keep, pos, first = batch
@@ -274,7 +274,7 @@ class ActivationBuffer:
         return self
 
     def __next__(self):
-        parts, need = [], self.cfg.out_batch_size
+        parts, need = [], self.cfg.batch_size
         while need > 0:
             if self._pool is None or self._pos >= len(self._pool[0]):
                 if not self._next_round():
@@ -296,7 +296,7 @@ class ActivationBuffer:
     _STATE_KEYS = (
         "ctx_len",
         "n_ctxs",
-        "refresh_batch_size",
+        "lm_batch_size",
         "pack",
         "padding_side",
         "exclude_first_k",
@@ -323,6 +323,8 @@ class ActivationBuffer:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken (same data and config required)."""
+        if "refresh_batch_size" in state:  # states written before it was renamed lm_batch_size
+            state = {**state, "lm_batch_size": state["refresh_batch_size"]}
         for k in ("hooks", *self._STATE_KEYS):
             mine = self.hooks if k == "hooks" else getattr(self.cfg, k)
             if state.get(k) != mine:

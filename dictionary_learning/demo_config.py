@@ -23,7 +23,7 @@ class DemoConfig:
     dataset: str = "sample"
     """'sample' (shipped data/sample), 'hub' (the six medical QA sets), a local folder/file, or a Hub id."""
     tokens: int = 200_000
-    """Training token budget per trainer (steps = tokens // sae_batch_size)."""
+    """Training token budget per trainer (steps = tokens // batch_size)."""
     ctx_len: int = 128
     """Tokens per context window."""
     exclude_first_k: int = 1
@@ -39,7 +39,7 @@ class DemoConfig:
     tokens; the evaluation also reports all tokens. None keeps them."""
     lm_batch_size: int = 32
     """Contexts per language-model forward pass."""
-    sae_batch_size: int = 1024
+    batch_size: int = 1024
     """Activation vectors per SAE step (the paper uses 4096)."""
     buffer_tokens: int = 65_536
     """Activation buffer capacity in tokens (refilled when half consumed)."""
@@ -110,7 +110,7 @@ SMOLLM2_135M = DemoConfig(
     tokens=300_000,
     ctx_len=128,
     lm_batch_size=16,
-    sae_batch_size=1024,
+    batch_size=1024,
     buffer_tokens=32_768,
     dtype="float32",
     cache_activations=True,
@@ -135,7 +135,7 @@ GEMMA_2_2B = DemoConfig(
     tokens=49_000_000,  # 23,925 steps at batch 2048
     ctx_len=1024,
     lm_batch_size=4,
-    sae_batch_size=2048,
+    batch_size=2048,
     buffer_tokens=2**20,
     dtype="bfloat16",
     widths=[2**14],
@@ -155,7 +155,7 @@ PYTHIA_70M = DemoConfig(
     tokens=10_000_000,
     ctx_len=128,
     lm_batch_size=32,
-    sae_batch_size=2048,
+    batch_size=2048,
     buffer_tokens=2**19,
     widths=[2**12, 2**14],
     target_l0s=[20, 40, 80, 160],

@@ -77,12 +77,11 @@ class Context:
         """'cuda' / 'cuda:k' -> this rank's GPU 'cuda:{local_rank}' when distributed; others unchanged."""
         return f"cuda:{self.local_rank}" if self.distributed and str(device).startswith("cuda") else device
 
-    def local_batch_size(self, global_batch: int) -> int:
-        if global_batch % self.world_size:
-            raise ValueError(
-                f"batch size {global_batch} is not divisible by the world size {self.world_size}"
-            )
-        return global_batch // self.world_size
+    def local_batch_size(self, batch_size: int) -> int:
+        """This rank's share of the global batch_size."""
+        if batch_size % self.world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by the world size {self.world_size}")
+        return batch_size // self.world_size
 
     # ------------------------------------------------------------------ collectives
 

@@ -157,7 +157,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--n-tokens", type=int, default=EvalConfig.n_tokens, help="real held-out tokens to evaluate"
     )
-    p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="contexts per LM forward")
+    p.add_argument(
+        "--lm-batch-size", type=int, default=EvalConfig.lm_batch_size, help="contexts per LM forward"
+    )
     p.add_argument("--ctx-len", type=int, default=None, help="window length (default: the run's ctx_len)")
     p.add_argument("--device", default=EvalConfig.device, help="cpu, cuda, ... (default: a GPU if present)")
     p.add_argument("--dtype", default="float32", help="language-model dtype (default float32)")
@@ -269,7 +271,7 @@ def run(args, saes: list[Path], settings: list[dict]) -> list[dict]:
             texts[data_key][0],
             mean_texts=texts[data_key][1],
             n_tokens=args.n_tokens,
-            batch_size=args.batch_size,
+            lm_batch_size=args.lm_batch_size,
             ctx_len=s["ctx_len"],
             device=args.device,
             exclude_first_k=s["exclude_first_k"],
@@ -288,7 +290,7 @@ def run(args, saes: list[Path], settings: list[dict]) -> list[dict]:
                 "split": "validation",
                 "reference_split": "train",
                 "n_tokens_requested": args.n_tokens,
-                "batch_size": args.batch_size,
+                "lm_batch_size": args.lm_batch_size,
                 "lm_dtype": args.dtype,
                 "versions": package_versions(),
                 "git_commit": git_commit(),

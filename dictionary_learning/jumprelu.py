@@ -231,23 +231,23 @@ class JumpReLUEncoder(torch.autograd.Function):
         check_bandwidth(bandwidth)
         ctx.set_materialize_grads(False)
         B, m = x.shape[0], W_enc_t.shape[0]
-        xW = None if ws is None else ws.gemm_out(B, W_enc_t)  # x·W_enc without b_enc
+        prod = None if ws is None else ws.gemm_out(B, W_enc_t)  # x·W_enc without b_enc
         if matmul_dtype is None:
-            xW = torch.mm(x, W_enc_t.T, out=xW)
+            prod = torch.mm(x, W_enc_t.T, out=prod)
         else:
-            prod = torch.mm(x.to(matmul_dtype), W_enc_t.T.to(matmul_dtype))
-            xW = prod.to(x.dtype) if xW is None else xW.copy_(prod)
-            del prod
+            low = torch.mm(x.to(matmul_dtype), W_enc_t.T.to(matmul_dtype))
+            prod = low.to(x.dtype) if prod is None else prod.copy_(low)
+            del low
         rel, err = (0.0, 0.0) if matmul_dtype is None else rounding_bound(x, W_enc_t, matmul_dtype)
         tiny = 1e-6 * (threshold.abs() + b_enc.abs() + bandwidth)  # fp32 rounding of z − θ
         lo = threshold - b_enc - bandwidth / 2 - tiny
         found = None
         if max_density > 0:
-            found = candidates(xW, lo - rel * lo.abs() - err, max_count=max_density * B * m)
+            found = candidates(prod, lo - rel * lo.abs() - err, max_count=max_density * B * m)
         ctx.dims, ctx.bandwidth, ctx.matmul_dtype = (B, m), bandwidth, matmul_dtype
         ctx.columns, ctx.ws = columns, ws
         if found is not None:  # sparse branch
-            pre_at = None if columns is None else xW.index_select(1, columns).add_(b_enc[columns])
+            pre_at = None if columns is None else prod.index_select(1, columns).add_(b_enc[columns])
             rows, cols, pre_acts = found
             if matmul_dtype is not None:  # x·W_enc in fp32 at the candidates; keep those that really are
                 pre_acts = sampled_products(offsets(rows, B), cols, x, W_enc_t, pre_acts)
@@ -271,16 +271,16 @@ class JumpReLUEncoder(torch.autograd.Function):
                 centre = threshold - b_enc
                 half = bandwidth / 2 + err + tiny
                 half = half + rel * (centre.abs() + half)
-                rows, cols, approx = candidates(xW, centre - half, centre + half)
+                rows, cols, approx = candidates(prod, centre - half, centre + half)
                 exact = sampled_products(offsets(rows, B), cols, x, W_enc_t, approx)
-                xW.view(-1).index_copy_(0, rows.long() * m + cols, exact)
-            pre_acts = xW.add_(b_enc)
+                prod.view(-1).index_copy_(0, rows.long() * m + cols, exact)
+            pre_acts = prod.add_(b_enc)
             pre_at = None if columns is None else pre_acts.index_select(1, columns)
             window = None
             if needs_grad:  # θ's gradient needs only the pairs in the kernel window: found by one scan
                 half = bandwidth / 2 + tiny
-                rows, cols, z_w = candidates(pre_acts, threshold - half, threshold + half)
-                window = (rows.long() * m + cols, cols, z_w, threshold.index_select(0, cols))
+                rows, cols, pre_w = candidates(pre_acts, threshold - half, threshold + half)
+                window = (rows.long() * m + cols, cols, pre_w, threshold.index_select(0, cols))
             active = pre_acts > threshold
             counts = active.sum(0, dtype=torch.int32)
             # the buffer holds f now; a view of it is returned (autograd then marks the view, not the buffer)
@@ -314,9 +314,9 @@ class JumpReLUEncoder(torch.autograd.Function):
         else:  # dense: [B, m]
             x, W_enc_t, active = ctx.saved_tensors
             if need_th and ctx.window is not None:
-                flat, cols, z_w, th_w = ctx.window
+                flat, cols, pre_w, th_w = ctx.window
                 g_w = None if grad_f is None else grad_f.reshape(-1).index_select(0, flat)
-                g_th = sum_by(cols, threshold_grad(z_w, th_w, eps, g_w, grad_step), m)
+                g_th = sum_by(cols, threshold_grad(pre_w, th_w, eps, g_w, grad_step), m)
             if grad_f is not None:
                 g_z = grad_f * active
                 if need_b:

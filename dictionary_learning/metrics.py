@@ -94,8 +94,8 @@ class ReconstructionStats:
     tokens into batches differently gives the same result."""
 
     def __init__(self, d: int, m: int, n_windows: int = 1, device: str | torch.device = "cpu"):
-        z = lambda *shape: torch.zeros(n_windows, *shape, dtype=torch.float64, device=device)
-        self.win = {"n": z(), "sq_x": z(), "sum_x": z(d), "sq_err": z(), "sum_err": z(d)}
+        zeros = lambda *shape: torch.zeros(n_windows, *shape, dtype=torch.float64, device=device)
+        self.win = {"n": zeros(), "sq_x": zeros(), "sum_x": zeros(d), "sq_err": zeros(), "sum_err": zeros(d)}
         self.cos = self.l2_ratio = self.xhat_sq = self.dot = 0.0
         self.l0 = 0
         self.fire_counts = torch.zeros(m, dtype=torch.int64, device=device)

@@ -29,7 +29,7 @@ TEXTS = [
     f"{['a blood count', 'an x-ray', 'a culture', 'an ECG'][i % 4]}."
     for i in range(200)
 ]
-KW = dict(n_tokens=600, batch_size=4, ctx_len=32, progress=False)
+KW = dict(n_tokens=600, lm_batch_size=4, ctx_len=32, progress=False)
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -349,7 +349,8 @@ def test_bos_first_windows_are_never_scored(tiny_model, monkeypatch):
 def test_results_do_not_depend_on_batch_size(tiny_model):
     sae = random_sae()
     runs = [
-        ev.evaluate(sae, tiny_model, LAYER, "resid_post", TEXTS, **{**KW, "batch_size": b}) for b in (1, 3, 8)
+        ev.evaluate(sae, tiny_model, LAYER, "resid_post", TEXTS, **{**KW, "lm_batch_size": b})
+        for b in (1, 3, 8)
     ]
     for other in runs[1:]:
         assert_same_metrics(other, runs[0], rel=1e-5, abs_=1e-7)
@@ -381,7 +382,7 @@ def test_evaluate_many_equals_evaluating_each_alone(tiny_model, monkeypatch):
         assert got == want  # bitwise: same passes, same float64 sums
         assert torch.equal(got_counts, want_counts)
     n_batches = calls.count("clean")
-    assert n_batches == math.ceil(together[0][0]["n_contexts"] / KW["batch_size"])
+    assert n_batches == math.ceil(together[0][0]["n_contexts"] / KW["lm_batch_size"])
     assert calls.count("reference") == n_reference > 0  # the reference pass runs once for all SAEs
     assert calls.count("patched") == (3 + 2) * n_batches  # one splice per SAE + zero + mean, per batch
 
@@ -490,7 +491,7 @@ def test_cli_evaluates_a_sweep_and_writes_reports(trained_run, monkeypatch):
     )
 
     run_dir = root / "runs"
-    assert eval_report.main([str(run_dir), "--n-tokens", "300", "--batch-size", "4", "--no-progress"]) == 0
+    assert eval_report.main([str(run_dir), "--n-tokens", "300", "--lm-batch-size", "4", "--no-progress"]) == 0
     # held-out text scored; the train split only for the reference tokens (mean ablation, median norm)
     assert splits == ["validation", "train"] and len(loads) == 1  # the model loaded once
     assert groups == [2]  # same model, hook and data: both SAEs share one evaluation
@@ -536,7 +537,7 @@ def test_cli_evaluates_a_sweep_and_writes_reports(trained_run, monkeypatch):
         texts,
         mean_texts=train,
         n_tokens=300,
-        batch_size=2,
+        lm_batch_size=2,
         ctx_len=32,
         progress=False,
     )
@@ -548,7 +549,7 @@ def test_cli_evaluates_an_external_npz_by_the_same_procedure(trained_run, tmp_pa
 
     root, dirs = trained_run
     npz = eval_report.load_sae(str(dirs[0])).export_gemma_scope(tmp_path / "params.npz")
-    args = ["--n-tokens", "300", "--batch-size", "3", "--no-progress"]
+    args = ["--n-tokens", "300", "--lm-batch-size", "3", "--no-progress"]
     ours = eval_report.main([str(dirs[0]), *args])
     ext = eval_report.main(
         [

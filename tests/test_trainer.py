@@ -48,31 +48,31 @@ def superposition(d, n_features, p_active, noise=0.01, seed=0):
     return V, sample
 
 
-def pre_acts(ae, x):
-    """z = x·W_enc + b_enc [B, m], written out here (the test's own formula)."""
+def pre_acts_of(ae, x):
+    """The pre-activations z = x·W_enc + b_enc [B, m], written out here (the test's own formula)."""
     return x.to(ae.W_enc.dtype) @ ae.W_enc + ae.b_enc
 
 
-def reference_grads(t, x, coeff, z=None):
+def reference_grads(t, x, coeff, pre_acts=None):
     """The reference the step is tested against: plain autograd on dense [B, m] tensors through
-    jumprelu.py's JumpReLUFunction and StepFunction (step on z, not f: bug #55), for the loss of
+    jumprelu.py's JumpReLUFunction and StepFunction (step on pre_acts, not f: bug #55), for the loss of
     trainer t ('l0' / 'target_l0' modes) on the normalised batch x. Sets .grad of every parameter and
-    returns the statistics compute_grads returns. z: use this z (e.g. a bf16 product) instead."""
+    returns the statistics compute_grads returns. pre_acts: use these (e.g. from a bf16 product)."""
     ae = t.ae
     with torch.enable_grad():
         leaves = {n: p.detach().clone().requires_grad_(True) for n, p in t.params.items()}
-        if z is None:
-            z = x @ leaves["W_enc"].T + leaves["b_enc"]
+        if pre_acts is None:
+            pre_acts = x @ leaves["W_enc"].T + leaves["b_enc"]
         else:
-            z = z.detach().requires_grad_(True)
-        x_hat = J.jumprelu(z, leaves["threshold"], t.cfg.bandwidth) @ leaves["W_dec"] + leaves["b_dec"]
+            pre_acts = pre_acts.detach().requires_grad_(True)
+        x_hat = J.jumprelu(pre_acts, leaves["threshold"], t.cfg.bandwidth) @ leaves["W_dec"] + leaves["b_dec"]
         mse = J.reconstruction_loss(x, x_hat)
-        l0 = J.step(z, leaves["threshold"], t.cfg.bandwidth).sum(-1).mean()
+        l0 = J.step(pre_acts, leaves["threshold"], t.cfg.bandwidth).sum(-1).mean()
         sp = t.sparsity_penalty(l0, coeff)
         (mse + sp).backward()
     for n, p in t.params.items():
         p.grad = leaves[n].grad
-    counts = (z > ae.threshold).sum(0, dtype=torch.int32)
+    counts = (pre_acts > ae.threshold).sum(0, dtype=torch.int32)
     x_hat = x_hat.detach()
     return {"loss": (mse + sp).detach(), "mse": mse.detach(), "sparsity_loss": sp.detach(), "l0": l0.detach(),
             "x_hat": x_hat, "mean_err": (x_hat - x).mean(0), "fired": counts > 0, "counts": counts}  # fmt: skip
@@ -88,7 +88,7 @@ def randomise(trainer, seed=0, quantile=0.9, window_frac=0.05):
     with torch.no_grad():
         ae.b_enc.copy_(torch.randn(c.dict_size, generator=g) * 0.05)
         ae.b_dec.copy_(torch.randn(c.activation_dim, generator=g) * 0.05)
-        pre = pre_acts(ae, x)
+        pre = pre_acts_of(ae, x)
         ae.threshold.copy_(torch.quantile(pre, quantile, dim=0).clamp_min(0) + 1e-4)
         # nudge some latents so a token sits at θ ± ε/4 (inside the window, both sides)
         n = max(1, int(window_frac * c.dict_size))
@@ -183,7 +183,7 @@ def test_sparse_and_dense_gradients_agree_with_autograd(mode, quantile):
             torch.testing.assert_close(stats[kind][k], stats["autograd"][k], rtol=1e-5, atol=1e-6)
         assert torch.equal(stats[kind]["fired"], stats["autograd"]["fired"])
         assert torch.equal(stats[kind]["counts"], stats["autograd"]["counts"])
-    assert torch.equal(stats["sparse"]["counts"].long(), (pre_acts(t.ae, x) > t.ae.threshold).sum(0))
+    assert torch.equal(stats["sparse"]["counts"].long(), (pre_acts_of(t.ae, x) > t.ae.threshold).sum(0))
 
 
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
@@ -276,7 +276,7 @@ def test_nan_decoder_row_makes_the_loss_nan(active):
     t = JumpReluTrainer(activation_dim=16, dict_size=32, device=DEVICE, backward="sparse", bandwidth=0.02)
     x = randomise(t, quantile=0.9, window_frac=0.0)
     with torch.no_grad():
-        pre = pre_acts(t.ae, x)
+        pre = pre_acts_of(t.ae, x)
         j = 5  # its largest pre-activation just above θ (active) or just below it (an inactive candidate)
         t.ae.threshold[j] = pre[:, j].max() + (-0.25 if active else 0.25) * t.cfg.bandwidth
         assert (pre[:, j] > t.ae.threshold[j]).any() == active
@@ -362,16 +362,18 @@ def option_reference(t, x, coeff, dead):
     pre-activation loss (1/B)·Σ_{dead j} ReLU(θ_j − z)·‖W_dec_j‖. Returns {name: gradient}."""
     c = t.cfg
     P = {n: p.detach().clone().requires_grad_(True) for n, p in t.params.items()}
-    z = x @ P["W_enc"].T + P["b_enc"]
-    f = J.jumprelu(z, P["threshold"], c.bandwidth)
+    pre_acts = x @ P["W_enc"].T + P["b_enc"]
+    f = J.jumprelu(pre_acts, P["threshold"], c.bandwidth)
     norms = P["W_dec"].norm(dim=1)
     loss = ((x - (f @ P["W_dec"] + P["b_dec"])) ** 2).sum(1).mean()
     if c.sparsity_mode == "tanh":
         loss = loss + coeff * torch.tanh(c.tanh_scale * f * norms).sum(1).mean()
     else:
-        loss = loss + t.sparsity_penalty(J.step(z, P["threshold"], c.bandwidth).sum(1).mean(), coeff)
+        loss = loss + t.sparsity_penalty(J.step(pre_acts, P["threshold"], c.bandwidth).sum(1).mean(), coeff)
     if c.pre_act_loss_coeff:
-        loss = loss + c.pre_act_loss_coeff * ((P["threshold"] - z).relu() * norms)[:, dead].sum(1).mean()
+        loss = (
+            loss + c.pre_act_loss_coeff * ((P["threshold"] - pre_acts).relu() * norms)[:, dead].sum(1).mean()
+        )
     loss.backward()
     return {n: p.grad for n, p in P.items()}
 
@@ -547,7 +549,7 @@ def test_firing_density_is_over_the_tokens_since_the_last_read():
             assert torch.equal(t.firing_density(), want.double() / 48)  # steps 0-1
             want.zero_()
         with torch.no_grad():
-            want += (pre_acts(t.ae, x / 2.0) > t.ae.threshold).sum(0)  # the weights this step sees
+            want += (pre_acts_of(t.ae, x / 2.0) > t.ae.threshold).sum(0)  # the weights this step sees
         t.update(s, x)
     density = t.firing_density()
     assert torch.equal(density, want.double() / 72) and 0 < density.max() <= 1  # steps 2-4
@@ -640,7 +642,7 @@ def test_autocast_bf16_close_to_fp32_with_fp32_state(k, expect):
     with torch.no_grad():
         for tr in (ref, t):
             tr.ae.b_enc.fill_(1.0)  # all z > 0, so no θ is clamped to 0
-        z = pre_acts(ref.ae, x)
+        z = pre_acts_of(ref.ae, x)
         err = ((x.bfloat16() @ ref.ae.W_enc.bfloat16()).float() + ref.ae.b_enc - z).abs().max()
         zs = z.sort(0).values
         theta = (zs[k - 1] + zs[k]) / 2
@@ -674,7 +676,7 @@ def test_autocast_sparse_phase_gives_the_fp32_gradients():
     x = randomise(ref, seed=5, quantile=0.97, window_frac=0.1)
     randomise(t, seed=5, quantile=0.97, window_frac=0.1)
     with torch.no_grad():
-        z, th = pre_acts(ref.ae, x), ref.ae.threshold
+        z, th = pre_acts_of(ref.ae, x), ref.ae.threshold
         z16 = (x.bfloat16() @ ref.ae.W_enc.bfloat16()).float() + ref.ae.b_enc
         in_window = lambda v: (v - th).abs() < kw["bandwidth"] / 2  # noqa: E731
     assert ((z16 > th) != (z > th)).any() or (in_window(z16) != in_window(z)).any()  # rounding matters
@@ -711,7 +713,7 @@ def test_autocast_dense_phase_recomputes_the_pairs_near_threshold():
     ae = t.ae
     with torch.autocast(x.device.type, dtype=torch.bfloat16):
         raw = (x.bfloat16() @ ae.W_enc.bfloat16()).float() + ae.b_enc
-        reference_grads(t, x, 0.7, z=raw)
+        reference_grads(t, x, 0.7, pre_acts=raw)
     assert rel(t.params["threshold"].grad, "threshold") > 0.1
 
 

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 D, M, B = 16, 64, 32
 META = {"model": "org/tiny-model", "layer": 3, "site": "resid_post", "hook": "blocks.3.hook_resid_post",
-        "dataset": "synthetic", "buffer": {"ctx_len": 8, "out_batch_size": B}}  # fmt: skip
+        "dataset": "synthetic", "buffer": {"ctx_len": 8, "batch_size": B}}  # fmt: skip
 SCRIPT_STEPS, SCRIPT_CKPT = 120, 10
 
 
