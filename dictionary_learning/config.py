@@ -11,13 +11,14 @@ from .utils import default_device, dtype_name, parse_dtype
 
 BACKWARDS = ("auto", "sparse", "dense")
 # Where 'auto' switches from the sparse to the dense branch, by device and autocast, from the crossover
-# of the two (bench_train.py --crossover, on the hand-written step the encoder Function replaced):
-#   CPU (2 threads, fp32): 0.09 at d=2304, m=16384, B=1024; 0.16 at d=576, m=4608, B=4096; 0.3 at
-#     d=576, m=4608, B=1024. 0.1 is right where a wrong choice costs most (the large SAE).
-#   H200, fp32: 0.023 at d=2304, m=65536, B=4096. bf16 autocast: the dense step (bf16 GEMMs) is
-#     faster from density 0.02 up; the sparse step won at density 0.0009 (m=65536, L0 ~60: 23 vs
-#     34 ms) and lost at 0.0034 (m=16384, L0 ~55: 6.4 vs 5.0 ms) and 0.012 (m=4608: 3.8 vs 3.1 ms).
-SPARSE_MAX_DENSITY = {("cpu", False): 0.1, ("cpu", True): 0.1, ("gpu", False): 0.02, ("gpu", True): 0.002}
+# of the two (bench_train.py --crossover):
+#   CPU (2 threads, fp32, this encoder Function): 0.059 at d=2304, m=16384, B=1024 (at density 0.1
+#     sparse 3.6 s, dense 2.0 s); 0.094 at d=576, m=4608, B=4096. 0.06 costs at most ~10% at d=576.
+#   H200, fp32 (the hand-written step it replaced): 0.023 at d=2304, m=65536, B=4096. bf16 autocast: the
+#     dense step (bf16 GEMMs) is faster from density 0.02 up; the sparse step won at density 0.0009
+#     (m=65536, L0 ~60: 23 vs 34 ms) and lost at 0.0034 (m=16384, L0 ~55: 6.4 vs 5.0 ms) and 0.012
+#     (m=4608: 3.8 vs 3.1 ms). Not re-measured on a GPU since.
+SPARSE_MAX_DENSITY = {("cpu", False): 0.06, ("cpu", True): 0.06, ("gpu", False): 0.02, ("gpu", True): 0.002}
 
 
 @dataclass
