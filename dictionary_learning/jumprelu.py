@@ -372,13 +372,13 @@ class Decoder(torch.autograd.Function):
                 g_f = _mm(grad_x_hat, W_dec.T, low)
             if ctx.needs_input_grad[1]:
                 g_W = _mm(f.T, grad_x_hat, low, out)
-        else:
+        else:  # by latent: each W_dec row is read once (not once per pair: W_dec may not fit in cache)
+            f_lat = f.index_select(0, p.latent_order)
             if ctx.needs_input_grad[0]:
-                g_f = sampled_products(p.offsets, p.cols, grad_x_hat, W_dec, f)
+                g_f_lat = sampled_products(p.latent_offsets, p.latent_rows, W_dec, grad_x_hat, f_lat)
+                g_f = torch.empty_like(f).index_copy_(0, p.latent_order, g_f_lat)
             if ctx.needs_input_grad[1]:
-                g_W = bags(
-                    p.latent_offsets, p.latent_rows, f.index_select(0, p.latent_order), grad_x_hat, out
-                )
+                g_W = bags(p.latent_offsets, p.latent_rows, f_lat, grad_x_hat, out)
         return g_f, g_W, None, None, None
 
 

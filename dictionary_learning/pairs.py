@@ -96,7 +96,7 @@ def _csr(ptr, idx, values, shape) -> torch.Tensor:
 
 
 def sampled_products(ptr, cols, a: torch.Tensor, b_t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(a @ b_tᵀ) at the pairs (row r = the CSR row of ptr, col) only (a sampled matmul, SDDMM):
-    a [B, k], b_t [m, k] -> [n] in pair order. `like` [n] (any values) fixes the dtype."""
+    """(a @ b_tᵀ) at the pairs (row r of the CSR pointers ptr, col) only (a sampled matmul, SDDMM):
+    a [R, k], b_t [C, k] -> [n] in pair order. `like` [n] (any values) fixes the dtype."""
     csr = _csr(ptr, cols, like, (a.shape[0], b_t.shape[0]))
     return torch.sparse.sampled_addmm(csr, a, b_t.T, beta=0.0).values()
