@@ -277,8 +277,8 @@ class JumpReluTrainer:
             elif p.grad.stride() != p.stride():
                 p.grad = torch.empty_like(p).copy_(p.grad)
         W_dec = params["W_dec"]
-        if c.unit_norm_decoder:  # a few rows at a time, so the second read comes from cache
-            rows = max(1, 2**17 // W_dec.shape[1])
+        if c.unit_norm_decoder:  # ~2 MB of rows at a time: the second read comes from cache, few ops
+            rows = max(1, 2**19 // W_dec.shape[1])
             for g, w in zip(W_dec.grad.split(rows), W_dec.split(rows)):
                 g.addcmul_(torch.linalg.vecdot(g, w).unsqueeze(1), w, value=-1.0)
         self.optimizer.grad_scale = None
