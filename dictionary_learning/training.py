@@ -119,34 +119,25 @@ def trainSAE(
     norm_batches: the first batches estimate one norm factor sqrt(E||x||^2) for the whole sweep (then
     are trained on); 0 keeps each config's norm_factor. snapshot_steps: SAE-only snapshots (default
     log_spaced_steps). resume: continue from checkpoints/latest; overwrite: delete existing run folders.
-    hist_every: steps between wandb feature-density histograms, each over the tokens since the last
-    (default 10 * log_every).
-    validation: held-out raw activations [N, d] (e.g. from the validation split); every eval_every steps
-    (default log_every) and at the end, each trainer's L0, both FVE definitions and MSE on them go
-    into the next log line as val_l0, val_fve, val_fve_centred, val_mse (JSONL, progress bar, wandb).
-    Returns the folders of the trainers that finished (failed ones hold FAILED.json).
-    Raises DataExhausted if the data runs out first, SystemExit(130/143) on SIGINT/SIGTERM (both
-    after saving a checkpoint).
-    """
+    hist_every: steps between wandb feature-density histograms (default 10 * log_every). validation:
+    held-out raw activations [N, d]; every eval_every steps (default log_every) and at the end, each
+    trainer's L0, both FVEs and MSE on them go into the next log line (val_l0, val_fve, val_fve_centred,
+    val_mse). Returns the folders of the trainers that finished (failed ones hold FAILED.json). Raises
+    DataExhausted if the data runs out first, SystemExit(130/143) on SIGINT/SIGTERM (both after saving
+    a checkpoint)."""
     if min(steps, log_every, checkpoint_every) <= 0:
-        raise ValueError(
-            f"steps, log_every, checkpoint_every must be > 0, got {steps}, {log_every}, {checkpoint_every}"
-        )
+        raise ValueError(f"steps, log_every, checkpoint_every must be > 0, got {steps}, {log_every}, {checkpoint_every}")  # fmt: skip
     if resume and overwrite:
         raise ValueError("pass resume=True or overwrite=True, not both")
     names = [(TrainerConfig.from_dict(c) if isinstance(c, dict) else c).name for c in trainer_configs]
     if not names or len(set(names)) != len(names):
-        raise ValueError(
-            f"trainer names must be distinct and non-empty, got {names}; vary width/sparsity/lr/seed"
-        )
+        raise ValueError(f"trainer names must be distinct and non-empty, got {names}; vary width/sparsity/lr/seed")  # fmt: skip
     if hasattr(data, "__len__") and len(data) < steps:
         raise ValueError(f"data holds {len(data)} batches but steps={steps}; lower steps or add data")
     ctx, base = distributed.context(), layer_dir(save_dir, run_meta)  # torchrun: data parallel or sweep split
     runs = [RunFolder(ctx.prepare_trainer(_trainer(c, steps)), base / n, ctx.writes_files)
             for c, n in ctx.share(list(zip(trainer_configs, names)))]  # fmt: skip
-    schedule = dict(
-        steps=steps, log_every=log_every, checkpoint_every=checkpoint_every, norm_batches=norm_batches
-    )
+    schedule = dict(steps=steps, log_every=log_every, checkpoint_every=checkpoint_every, norm_batches=norm_batches)  # fmt: skip
     wandb_kw = dict(project=wandb_project, entity=wandb_entity, group=f"{base.parent.name}/{base.name}")
     snaps = set(log_spaced_steps(steps) if snapshot_steps is None else snapshot_steps)
     hist_every, eval_every = hist_every or 10 * log_every, eval_every or log_every
