@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dictionary_learning import features  # noqa: E402
-from dictionary_learning.buffer import get_layers  # noqa: E402
+from dictionary_learning.hooks import get_layers  # noqa: E402
 from dictionary_learning.dictionary import JumpReluAutoEncoder  # noqa: E402
 from dictionary_learning.features_html import write_browser  # noqa: E402
 from dictionary_learning.utils import load_language_model, write_dir_atomic  # noqa: E402
@@ -188,7 +188,7 @@ def main() -> None:
     timings: dict = {}
     t0, c0 = time.perf_counter(), time.process_time()
     data = features.collect(sae, model, args.layer, "resid_post", browse, args.ctx_len, 1, None,
-                            features.BrowserConfig(n_tokens=args.n_tokens, batch_size=args.batch),
+                            features.BrowserConfig(n_tokens=args.n_tokens, lm_batch_size=args.batch),
                             device="cpu", progress=False, meta={"model": "smollm2-135m", "sae": "bench",
                             "dataset": "PubMedQA ori_pqal_800 records 0-699"}, timings=timings)  # fmt: skip
     sizes = {}

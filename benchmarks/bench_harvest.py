@@ -27,8 +27,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dictionary_learning.buffer import ActivationBuffer, DataExhausted, get_layers, pack_texts  # noqa: E402
-from dictionary_learning.utils import load_language_model  # noqa: E402
+from dictionary_learning.buffer import ActivationBuffer  # noqa: E402
+from dictionary_learning.hooks import get_layers  # noqa: E402
+from dictionary_learning.tokens import pack_texts  # noqa: E402
+from dictionary_learning.utils import DataExhausted, load_language_model  # noqa: E402
 
 FALLBACK_TEXTS = [
     "The patient presented with chest pain radiating to the left arm and diaphoresis.",
@@ -101,9 +103,9 @@ def main() -> None:
     # One refill per LM batch, so the three pipelines can take turns at LM-batch granularity.
     common = dict(
         ctx_len=args.ctx_len,
-        refresh_batch_size=args.lm_batch,
+        lm_batch_size=args.lm_batch,
         n_ctxs=2 * args.lm_batch,
-        out_batch_size=args.lm_batch * args.ctx_len // 2,
+        batch_size=args.lm_batch * args.ctx_len // 2,
         device=str(model.device),
     )
     buf = ActivationBuffer(texts, model, args.layer, epochs=None, **common)

@@ -4,27 +4,25 @@
     python benchmarks/bench_train.py --crossover --configs 576,4608,1024   # where 'auto' should switch
     python benchmarks/bench_train.py --json --device cuda --autocast bfloat16  # on a GPU
 
-meta.cpu_kernels says whether the step ran the fused CPU kernels (dictionary_learning/kernels.cpp) or
-the torch-op fallback. For each config (d, m, batch), fp32 on CPU, each measurement in a fresh subprocess run with
+For each config (d, m, batch), fp32 on CPU, each measurement in a fresh subprocess run with
 OMP_WAIT_POLICY=PASSIVE (timings with OpenMP's default spinning wait policy are reported as well):
   step_ms        median time of trainer.update (sparse backward once L0 is low)
   floor_ms       one dense [B, d] @ [d, m] GEMM, timed in the same process, interleaved with the steps
   step_over_floor  step_ms / floor_ms (medians); step_over_floor_paired is the median over repetitions
                  of step / floor timed back to back, which a change of machine load half-way through
                  the run (the medians then come from different regimes) does not skew
-  dense_ms       the same update with backward="dense" (grads.dense_grads: [B, m] GEMMs), same process
+  dense_ms       the same update with backward="dense" (the encoder's dense branch: [B, m] tensors and
+                 GEMMs, what every step would cost without the sparse branch), same process
   peak_rss_mb    peak RSS during updates in a fresh process that only builds the trainer and trains
                  (set-up garbage is trimmed and VmHWM reset first); baseline_rss_mb is the RSS before
-                 the trainer exists (interpreter, torch and its optimiser modules, the CPU kernels'
-                 library, the input batch); net = peak − baseline is
+                 the trainer exists (interpreter, torch and its optimiser modules, the input batch);
+                 net = peak − baseline is
                  compared with the minimum = params + grads + Adam state (2 × params) + one [B, m] fp32;
                  measured with default malloc settings, with MALLOC_MMAP_THRESHOLD_=262144, and with that
                  and MKL_DISABLE_FAST_MM=1 (MKL then frees its GEMM buffers after each call).
 On a GPU (--device cuda) times are taken between torch.cuda.synchronize() calls, and memory is
 torch.cuda.max_memory_allocated() above what was allocated before the trainer (the input batch), against
-the same minimum. With --autocast the floor GEMM runs in that dtype, and dense_ms is the autograd
-path under torch.autocast (the hand-written dense path is fp32 only); autograd_ms is plain autograd
-in the same mode, on every device.
+the same minimum. With --autocast the floor GEMM runs in that dtype, and so do the dense branch's GEMMs.
 The threshold of each latent is set to a quantile of its pre-activations on a sample batch so that
 L0 ~ 64 before timing (the init has W_enc = W_decᵀ, so a random init is otherwise dense).
 """
@@ -65,10 +63,6 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _dense_kind() -> str:
-    return "autograd" if AUTOCAST else "dense"
-
-
 def _quantile(pre: torch.Tensor, q: float) -> torch.Tensor:
     """Per-column q-quantile of pre [n, m] (nearest rank; torch.quantile refuses > 16M elements)."""
     k = min(pre.shape[0], max(1, round(q * pre.shape[0])))
@@ -94,7 +88,7 @@ def _make(d: int, m: int, B: int, backward: str, seed: int = 0, x: torch.Tensor 
     )  # fmt: skip
     with torch.no_grad():  # L0 ~ 64: θ_j = the (1 − 64/m) quantile of latent j on a sample batch
         sample = (torch.randn(min(B, 1024), d, generator=g) / d**0.5).to(DEVICE)
-        pre = trainer.ae.pre_activations(sample)
+        pre = sample @ trainer.ae.W_enc + trainer.ae.b_enc
         trainer.ae.threshold.copy_(_quantile(pre, 1 - TARGET_L0 / m).clamp_min(0))
         del pre
     return trainer, x
@@ -137,21 +131,15 @@ def worker_timing(d: int, m: int, B: int, reps: int) -> dict:
     stats = update()
     backward = trainer.last_backward
     trainer = out = W = x_floor = None  # free them before the dense runs
-    other = {}
-    for kind in dict.fromkeys(
-        (_dense_kind(), "autograd") if DEVICE != "cpu" or AUTOCAST else (_dense_kind(),)
-    ):
-        dense, x = _make(d, m, B, kind)
-        dense.update(0, x)
-        other[kind] = _median_ms(lambda t=dense, x=x: t.update(1, x), max(3, reps // 2))
-        dense = None
+    dense, x = _make(d, m, B, "dense")
+    dense.update(0, x)
+    dense_ms = _median_ms(lambda t=dense, x=x: t.update(1, x), max(3, reps // 2))
+    dense = None
     step_ms, floor_ms = statistics.median(step_ts), statistics.median(floor_ts)
-    dense_ms = other[_dense_kind()]
     return {
         "step_ms": round(step_ms, 3),
         "floor_ms": round(floor_ms, 3),
         "dense_ms": round(dense_ms, 3),
-        **({"autograd_ms": round(other["autograd"], 3)} if "autograd" in other else {}),
         "tokens_per_s": round(B / step_ms * 1e3),
         "step_over_floor": round(step_ms / floor_ms, 3),
         "step_over_floor_paired": round(statistics.median(s / f for s, f in zip(step_ts, floor_ts)), 3),
@@ -173,20 +161,18 @@ def worker_crossover(d: int, m: int, B: int, reps: int) -> dict:
     trainer, x = _make(d, m, B, "auto")
     ae = trainer.ae
     with torch.no_grad():
-        pre = ae.pre_activations(x)
+        pre = x @ ae.W_enc + ae.b_enc
     rows = []
     for rho in DENSITIES:
         with torch.no_grad():
             ae.threshold.copy_(_quantile(pre, 1 - rho).clamp_min(0))
         t = {}
-        for kind in ("sparse", _dense_kind()):
+        for kind in ("sparse", "dense"):
             trainer.compute_grads(x, 1.0, backward=kind)  # warm-up
             t[kind] = _median_ms(
                 lambda kind=kind: trainer.compute_grads(x, 1.0, backward=kind), max(3, reps // 3)
             )
-        rows.append(
-            {"density": rho, "sparse_ms": round(t["sparse"], 3), "dense_ms": round(t[_dense_kind()], 3)}
-        )
+        rows.append({"density": rho, "sparse_ms": round(t["sparse"], 3), "dense_ms": round(t["dense"], 3)})
     cross = None
     for a, b in zip(rows, rows[1:]):
         da, db = a["sparse_ms"] - a["dense_ms"], b["sparse_ms"] - b["dense_ms"]
@@ -218,14 +204,10 @@ def _against_minimum(trainer, B: int, m: int, net_mb: float) -> dict:
 
 def worker_rss(d: int, m: int, B: int, steps: int) -> dict:
     # Baseline: interpreter, torch, the optimiser machinery (the first torch.optim.Adam imports
-    # ~70 MB of modules), the CPU kernels' library (code, loaded once per process) and an input
-    # batch, which exists before the trainer in real use.
-    from dictionary_learning import kernels
-
+    # ~70 MB of modules) and an input batch, which exists before the trainer in real use.
     p = torch.nn.Parameter(torch.zeros(8))
     p.grad = torch.ones(8)
     torch.optim.Adam([p], fused=True).step()
-    kernels.cpu_ops()
     x = _batch(B, d)[0]
     base = _rss_mb("VmRSS")
     trainer, x = _make(d, m, B, "auto", x=x)
@@ -360,11 +342,8 @@ def main():
             tuned = run_worker("rss", d, m, B, args, env)
             res[name] = {k: tuned.get(k) for k in rss_keys}
         results[f"d{d}_m{m}_b{B}"] = res
-    from dictionary_learning import kernels
-
     meta = {"threads": args.threads, "reps": args.reps, "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
-            "cpu_kernels": not cuda and kernels.cpu_ops() is not None}  # fmt: skip
+            "cpu_count": os.cpu_count(), "load_avg": os.getloadavg()}  # fmt: skip
     if cuda:
         meta["gpu"] = torch.cuda.get_device_name()
     print(json.dumps({"configs": results, "meta": meta}))

@@ -2,7 +2,7 @@
 # The GPU checks and benchmarks, in one go, for a machine lent for a few minutes (no Hub access):
 #   bash benchmarks/gpu_checks.sh [SECTION ...]     # default: all of them, in this order
 #   train     bench_train.py, fp32 and bf16 autocast
-#   tests     tests/test_trainer.py on CUDA (SAE_TEST_DEVICE=cuda; it covers grads.py's CUDA paths),
+#   tests     tests/test_trainer.py on CUDA (SAE_TEST_DEVICE=cuda; the encoder Function's CUDA paths),
 #             and tests/test_jumprelu.py (CPU tensors) under the machine's torch
 #   harvest   bench_harvest.py on random-weight SmolLM2-135M and Gemma-2-2B models (bf16)
 #   crossover bench_train.py --crossover: where the sparse backward stops paying on the GPU

@@ -1,14 +1,7 @@
-"""Activation harvesting: hook points and the shuffled ActivationBuffer.
+"""Activation harvesting: the shuffled ActivationBuffer over nnsight, at the hook points of hooks.py.
 
-Hook points are addressed by (layer, site) and named like SAELens/TransformerLens
-(`blocks.{L}.hook_{site}`):
-
-    resid_post  output of decoder layer L (the residual stream after the layer)
-    resid_pre   input of decoder layer L  (= resid_post of layer L-1)
-    mlp_out     what the MLP adds to the residual stream (Gemma-2: after post_feedforward_layernorm)
-
-Texts become model inputs in tokens.py (text sources, packing rule, padding); pack_texts and
-pad_texts are re-exported here. BOS, EOS and PAD positions (by token id) are never yielded.
+Texts become model inputs in tokens.py (text sources, packing rule, padding). BOS, EOS and PAD
+positions (by token id) are never yielded.
 """
 
 from __future__ import annotations
@@ -18,114 +11,9 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from .tokens import TextSource, TokenStream, pack_texts, pad_texts  # noqa: F401  (re-exported)
-from .utils import parse_dtype
-
-SITES = ("resid_post", "resid_pre", "mlp_out")
-
-
-# ---------------------------------------------------------------------------- hook points
-
-
-def hook_name(layer: int, site: str = "resid_post") -> str:
-    """(12, "resid_post") -> "blocks.12.hook_resid_post" (SAELens / TransformerLens naming)."""
-    _check_site(site)
-    return f"blocks.{int(layer)}.hook_{site}"
-
-
-def _check_site(site: str) -> None:
-    if site not in SITES:
-        raise ValueError(f"unknown site {site!r}; choose one of {SITES}")
-
-
-def get_layers(model) -> list:
-    """The decoder layers (nnsight envoys, or nn.Modules for a plain torch model), in order.
-
-    Knows the Llama/SmolLM2/Gemma-2/Mistral/Qwen tree (model.model.layers), GPT-2
-    (transformer.h) and Pythia/GPT-NeoX (gpt_neox.layers).
-    """
-    for path in (
-        ("model", "layers"),
-        ("transformer", "h"),
-        ("gpt_neox", "layers"),
-        ("model", "decoder", "layers"),
-    ):
-        obj = model
-        try:
-            for name in path:
-                obj = getattr(obj, name)
-        except AttributeError:
-            continue
-        return list(obj)
-    raise ValueError(
-        f"cannot find the decoder layers of {type(model).__name__}: known trees are "
-        "model.layers (Llama, Gemma-2), transformer.h (GPT-2), gpt_neox.layers (Pythia)"
-    )
-
-
-def get_hook_module(model, layer: int, site: str = "resid_post"):
-    """The envoy whose `.output` (resid_post, mlp_out) or `.input` (resid_pre) is the
-    [batch, seq, d] activation at (layer, site). Read/replace it with hook_value / set_hook_value."""
-    _check_site(site)
-    layers = get_layers(model)
-    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < len(layers):
-        raise ValueError(
-            f"layer {layer!r} out of range: the model has {len(layers)} layers (0..{len(layers) - 1})"
-        )
-    block = layers[layer]
-    if site != "mlp_out":
-        return block
-    # Gemma-2/3 normalise the MLP output before adding it to the residual stream.
-    for name in ("post_feedforward_layernorm", "mlp"):
-        try:
-            return getattr(block, name)
-        except AttributeError:
-            continue
-    raise ValueError(f"layer {layer} of {type(model).__name__} has no `mlp` module")
-
-
-def hook_value(envoy, site: str = "resid_post") -> torch.Tensor:
-    """Inside an nnsight trace: the [batch, seq, d] activation at `envoy` (from get_hook_module).
-
-    transformers 5 decoder layers return a plain tensor; older versions return a tuple
-    whose first element is the hidden state: both are handled.
-    """
-    value = envoy.input if site == "resid_pre" else envoy.output
-    return value[0] if isinstance(value, tuple) else value
-
-
-def set_hook_value(envoy, site: str, value: torch.Tensor) -> None:
-    """Inside an nnsight trace: replace the activation at `envoy` by `value` [batch, seq, d]."""
-    if site == "resid_pre":
-        envoy.input = value
-        return
-    out = envoy.output
-    envoy.output = (value, *out[1:]) if isinstance(out, tuple) else value
-
-
-def _hook_points(model, layers: list[int], site: str) -> list[tuple[str, object]]:
-    """[(hook_name, envoy)] sorted in execution order (nnsight reads values in order)."""
-    _check_site(site)
-    envoys = {L: get_hook_module(model, L, site) for L in layers}  # validates each layer
-    return [(hook_name(L, site), envoys[L]) for L in sorted(envoys)]
-
-
-# ---------------------------------------------------------------------------- end of data
-
-
-class DataExhausted(RuntimeError):
-    """The data ran out (after `epochs` passes). Carries the counts at that point."""
-
-    def __init__(
-        self, tokens_yielded: int, texts_consumed: int | None, epochs: int | None, where: str = "buffer"
-    ):
-        self.tokens_yielded, self.texts_consumed, self.epochs = tokens_yielded, texts_consumed, epochs
-        texts = "" if texts_consumed is None else f" from {texts_consumed} texts"
-        super().__init__(
-            f"{where}: data exhausted after {epochs} epoch(s): {tokens_yielded} tokens yielded"
-            f"{texts}; use more data or a larger `epochs` (None = repeat forever)"
-        )
-
+from .hooks import hook_points, hook_value
+from .tokens import TextSource, TokenStream
+from .utils import DataExhausted, parse_dtype
 
 # ---------------------------------------------------------------------------- buffer
 
@@ -136,9 +24,9 @@ class BufferConfig:
     """Tokens per context (window when packing, truncation length when padding)."""
     n_ctxs: int = 256
     """Capacity in contexts: each refill harvests n_ctxs // 2 contexts (~n_ctxs * ctx_len / 2 tokens)."""
-    refresh_batch_size: int = 16
+    lm_batch_size: int = 16
     """Contexts per language-model forward pass."""
-    out_batch_size: int = 4096
+    batch_size: int = 4096
     """Activation vectors per yielded batch (the last batch of the data may be smaller)."""
     pack: bool = True
     """Pack texts into full windows (packing rule: tokens.py); False: one padded row per text."""
@@ -192,7 +80,7 @@ def seeded_generator(*parts: int) -> torch.Generator:
 class ActivationBuffer:
     """Stream texts through `model` (nnsight TransformersModel) and yield shuffled activations.
 
-    Yields [out_batch_size, d] tensors (a dict {hook_name: [B, d]} when `layer` is a list,
+    Yields [batch_size, d] tensors (a dict {hook_name: [B, d]} when `layer` is a list,
     harvested in one forward pass that stops after the deepest layer). Raises DataExhausted
     after `epochs` passes.
 
@@ -218,8 +106,8 @@ class ActivationBuffer:
         if unknown:
             raise ValueError(f"unknown buffer option(s) {sorted(unknown)}")
         self.cfg = cfg = BufferConfig(**{**asdict(cfg), **kwargs})
-        if cfg.ctx_len < 1 or cfg.n_ctxs < 2 or cfg.refresh_batch_size < 1 or cfg.out_batch_size < 1:
-            raise ValueError("ctx_len, refresh_batch_size, out_batch_size must be >= 1 and n_ctxs >= 2")
+        if cfg.ctx_len < 1 or cfg.n_ctxs < 2 or cfg.lm_batch_size < 1 or cfg.batch_size < 1:
+            raise ValueError("ctx_len, lm_batch_size, batch_size must be >= 1 and n_ctxs >= 2")
         if not 0 <= cfg.exclude_first_k < cfg.ctx_len:
             raise ValueError(f"exclude_first_k must be in [0, ctx_len), got {cfg.exclude_first_k}")
         if cfg.padding_side not in ("left", "right"):
@@ -231,7 +119,7 @@ class ActivationBuffer:
         self.dtype = parse_dtype(cfg.dtype)
         self.model, self.site = model, site
         self.multi = isinstance(layer, (list, tuple))
-        self.points = _hook_points(model, list(layer) if self.multi else [layer], site)  # validates them
+        self.points = hook_points(model, list(layer) if self.multi else [layer], site)  # validates them
         self.layers = sorted(set(layer)) if self.multi else [layer]
         self.hooks = [name for name, _ in self.points]
         self.d_submodule = int(model.config.hidden_size)
@@ -307,7 +195,7 @@ class ActivationBuffer:
         ]
         index, n, done = [], 0, 0
         while done < n_ctx or n == 0:  # (a refill whose contexts had no kept token takes more)
-            batch = self.stream.next_batch(min(cfg.refresh_batch_size, max(n_ctx - done, 1)))
+            batch = self.stream.next_batch(min(cfg.lm_batch_size, max(n_ctx - done, 1)))
             if batch is None:
                 break
             ids, mask, keep, pos, first = batch
@@ -386,7 +274,7 @@ class ActivationBuffer:
         return self
 
     def __next__(self):
-        parts, need = [], self.cfg.out_batch_size
+        parts, need = [], self.cfg.batch_size
         while need > 0:
             if self._pool is None or self._pos >= len(self._pool[0]):
                 if not self._next_round():
@@ -408,7 +296,7 @@ class ActivationBuffer:
     _STATE_KEYS = (
         "ctx_len",
         "n_ctxs",
-        "refresh_batch_size",
+        "lm_batch_size",
         "pack",
         "padding_side",
         "exclude_first_k",
@@ -435,6 +323,8 @@ class ActivationBuffer:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken (same data and config required)."""
+        if "refresh_batch_size" in state:  # states written before it was renamed lm_batch_size
+            state = {**state, "lm_batch_size": state["refresh_batch_size"]}
         for k in ("hooks", *self._STATE_KEYS):
             mine = self.hooks if k == "hooks" else getattr(self.cfg, k)
             if state.get(k) != mine:

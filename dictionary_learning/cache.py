@@ -23,8 +23,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .buffer import DataExhausted, massive_record, seeded_generator
-from .utils import atomic_path, dtype_name, package_versions, parse_dtype, read_json, write_json
+from .buffer import massive_record, seeded_generator
+from .utils import (
+    DataExhausted,
+    atomic_path,
+    dtype_name,
+    package_versions,
+    parse_dtype,
+    read_json,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 position of the training data stream.
 
 checkpoints/latest/ of a run (written by save_checkpoint, read by read_checkpoint):
-  trainer.safetensors   trainer.state_dict() tensors (model, optimizer, dead-latent counters, ...)
-  data_state.json       DataStream.state(): the data object's state_dict() (+ batches to skip) or a
+  trainer.safetensors   trainer.state_dict()["tensors"] (model, optimizer, dead-latent counters, ...)
+  data_state.json       DataStream.state_dict(): the data object's state_dict() (+ batches to skip) or a
                         count of consumed batches (plain iterators are fast-forwarded)
   meta.json             {"trainer": trainer meta, "loop": step, tokens, norm factor, log accumulators,
                         RNGs, ...}; written last
@@ -26,15 +26,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .buffer import DataExhausted
-from .utils import read_json, write_dir_atomic
+from .utils import DataExhausted, read_json, write_dir_atomic
 
 log = logging.getLogger(__name__)
-
-
-class DataExhaustedError(RuntimeError):
-    """The data ran out before `steps` (trainSAE saved a checkpoint first), or while a resume was
-    skipping the batches already consumed (DataStream.restore)."""
 
 
 # ---------------------------------------------------------------------------- folders, trainer state, RNGs
@@ -42,8 +36,9 @@ class DataExhaustedError(RuntimeError):
 
 def save_checkpoint(path: Path, trainer, loop: dict, data_state: dict) -> None:
     """Full state of one trainer at `loop['step']` completed steps into folder `path` (atomic)."""
-    tensors, meta = trainer.state_dict()
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    state = trainer.state_dict()
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state["tensors"].items()}
+    meta = state["meta"]
 
     def write(tmp: Path) -> None:
         save_file(tensors, tmp / "trainer.safetensors")
@@ -175,14 +170,14 @@ class DataStream:
         self.consumed += 1
         return x
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         if not self.stateful:
             return {"kind": "skip", "consumed": self.consumed}
         # with batches queued, the data object is ahead of us: save the anchor plus a skip count
         state, at = self.anchor if self.queue else (self.data.state_dict(), self.consumed)
         return {"kind": "state_dict", "state": state, "skip": self.consumed - at, "consumed": self.consumed}
 
-    def restore(self, st: dict) -> None:
+    def load_state_dict(self, st: dict) -> None:
         if st["kind"] == "state_dict":
             if not self.stateful:
                 raise ValueError("checkpoint data_state.json needs a data object with load_state_dict()")
@@ -195,5 +190,7 @@ class DataStream:
             try:
                 self._pull()
             except (StopIteration, DataExhausted):
-                raise DataExhaustedError(f"resume: data ran out while skipping batch {i} of {skip}") from None
+                raise DataExhausted(
+                    message=f"resume: data ran out while skipping batch {i} of {skip}"
+                ) from None
         self.consumed = st["consumed"]

@@ -71,12 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--dataset", help="'sample', 'hub', a local folder/file, or a Hub dataset id")
     o.add_argument("--tokens", type=int, help="training tokens per trainer")
     o.add_argument("--ctx-len", type=int)
-    o.add_argument("--batch-size", dest="sae_batch_size", type=int, help="SAE batch (activation vectors)")
+    o.add_argument("--batch-size", dest="batch_size", type=int, help="SAE batch (activation vectors)")
     o.add_argument("--lm-batch-size", type=int, help="contexts per LM forward")
     o.add_argument("--dict-size", "--widths", dest="widths", type=_list(int), help="e.g. 4608 or 2304,4608")
     o.add_argument("--target-l0s", type=_list(float), help="e.g. 20,40,80")
     o.add_argument("--sparsity-coeffs", type=_list(float))
-    o.add_argument("--sparsity-mode", choices=["target_l0", "l0"])
+    o.add_argument("--sparsity-mode", choices=["target_l0", "l0", "tanh"])
     o.add_argument("--lrs", type=_list(float))
     o.add_argument("--seeds", type=_list(int))
     o.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU where present)")
@@ -121,7 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _flag(name: str, value) -> str:
     """How a DemoConfig field is given on the command line: '--batch-size 0', '--widths 4608,9216'."""
-    flag = {"sae_batch_size": "--batch-size"}.get(name, "--" + name.replace("_", "-"))
+    flag = "--" + name.replace("_", "-")
     return f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}"
 
 
@@ -153,8 +153,8 @@ def build_config(args) -> DemoConfig:
     for name, why in problems(cfg):
         where = given.get(name) or f"preset {args.preset!r}: {name}={getattr(cfg, name)!r}"
         raise UsageError(f"{where}: {why}")
-    if cfg.tokens < cfg.sae_batch_size:
-        raise UsageError(f"--tokens {cfg.tokens} is less than one SAE batch ({cfg.sae_batch_size})")
+    if cfg.tokens < cfg.batch_size:
+        raise UsageError(f"--tokens {cfg.tokens} is less than one SAE batch ({cfg.batch_size})")
     return cfg
 
 
@@ -183,7 +183,7 @@ def model_shape(cfg: DemoConfig) -> tuple[int, int]:
 
 def sweep(cfg: DemoConfig, d_model: int, steps: int) -> list:
     """One TrainerConfig per point of widths x sparsity x lrs x seeds."""
-    from dictionary_learning.trainer import TrainerConfig
+    from dictionary_learning.config import TrainerConfig
 
     if cfg.sparsity_mode == "target_l0":
         sparsity = [
@@ -199,6 +199,7 @@ def sweep(cfg: DemoConfig, d_model: int, steps: int) -> list:
             seed=seed,
             steps=steps,
             sparsity_mode=cfg.sparsity_mode,
+            pre_act_loss_coeff=cfg.pre_act_loss_coeff,
             bandwidth=cfg.bandwidth,
             threshold_init=cfg.threshold_init,
             warmup_steps=cfg.warmup_steps,
@@ -213,7 +214,7 @@ def sweep(cfg: DemoConfig, d_model: int, steps: int) -> list:
 
 
 def run_meta(cfg: DemoConfig, buffer_cfg: dict | None = None) -> dict:
-    from dictionary_learning.buffer import hook_name
+    from dictionary_learning.hooks import hook_name
 
     return {
         "model": cfg.model,
@@ -243,11 +244,11 @@ def plan(cfg: DemoConfig) -> dict:
     n_layers, d = model_shape(cfg)
     if not 0 <= cfg.layer < n_layers:
         raise UsageError(f"--layer {cfg.layer} is out of range: {cfg.model} has layers 0..{n_layers - 1}")
-    steps = cfg.tokens // cfg.sae_batch_size
+    steps = cfg.tokens // cfg.batch_size
     trainers = sweep(dataclasses.replace(cfg, device=cfg.device or "cpu"), d, steps)
     # per trainer: params + grads + 2 Adam moments (fp32), plus a few [B, m] activations per step
     per_trainer = [
-        4 * (4 * (2 * d * t.dict_size + t.dict_size * 2 + d) + 3 * cfg.sae_batch_size * t.dict_size)
+        4 * (4 * (2 * d * t.dict_size + t.dict_size * 2 + d) + 3 * cfg.batch_size * t.dict_size)
         for t in trainers
     ]
     buffer_bytes = cfg.buffer_tokens * d * 4
@@ -257,9 +258,9 @@ def plan(cfg: DemoConfig) -> dict:
         "site": cfg.site,
         "d_model": d,
         "dataset": cfg.dataset,
-        "tokens_per_trainer": steps * cfg.sae_batch_size,
+        "tokens_per_trainer": steps * cfg.batch_size,
         "steps": steps,
-        "sae_batch_size": cfg.sae_batch_size,
+        "batch_size": cfg.batch_size,
         "trainers": [t.name for t in trainers],
         "activation_buffer": _gib(buffer_bytes),
         "sae_and_optimizer_memory": _gib(sum(per_trainer)),
@@ -316,19 +317,19 @@ def cache_matches(cache_dir, key: dict, overwrite: bool) -> bool:
 
 
 def activations(cfg: DemoConfig, args, model, train_texts, steps: int, out_dir: Path):
-    """The iterator of [sae_batch_size, d] training batches: a streaming buffer, or an activation
+    """The iterator of [batch_size, d] training batches: a streaming buffer, or an activation
     cache harvested once (or given with --from-cache) and re-read for as many epochs as needed."""
     from dictionary_learning import distributed
     from dictionary_learning.buffer import ActivationBuffer
     from dictionary_learning.cache import ActivationCache, write_cache
 
     ctx = distributed.context()  # under torchrun each rank yields its share of every global batch
-    batch = ctx.local_batch_size(cfg.sae_batch_size)
+    batch = ctx.local_batch_size(cfg.batch_size)
     n_ctxs = max(2, cfg.buffer_tokens // cfg.ctx_len)
     common = dict(
         ctx_len=cfg.ctx_len,
         n_ctxs=n_ctxs,
-        refresh_batch_size=cfg.lm_batch_size,
+        lm_batch_size=cfg.lm_batch_size,
         seed=cfg.seed,
         exclude_first_k=cfg.exclude_first_k,
         prepend_bos=cfg.prepend_bos,
@@ -340,7 +341,7 @@ def activations(cfg: DemoConfig, args, model, train_texts, steps: int, out_dir: 
             model,
             cfg.layer,
             cfg.site,
-            out_batch_size=batch,
+            batch_size=batch,
             epochs=cfg.max_epochs,
             **common,
         )
@@ -349,13 +350,11 @@ def activations(cfg: DemoConfig, args, model, train_texts, steps: int, out_dir: 
     if ctx.distributed and not args.from_cache:  # each rank harvests its text shard into its own cache
         cache_dir = cache_dir / f"rank{ctx.rank}-of-{ctx.world_size}"
     else:
-        batch = cfg.sae_batch_size  # one cache read with the global batch; RankSlice below
+        batch = cfg.batch_size  # one cache read with the global batch; RankSlice below
     n_tokens = cfg.tokens // ctx.world_size
     key = harvest_key(cfg, n_tokens)
     if not args.from_cache and not cache_matches(cache_dir, key, overwrite=args.overwrite):
-        buf = ActivationBuffer(
-            train_texts, model, cfg.layer, cfg.site, out_batch_size=8192, epochs=1, **common
-        )
+        buf = ActivationBuffer(train_texts, model, cfg.layer, cfg.site, batch_size=8192, epochs=1, **common)
         t0 = time.time()
         meta = {**run_meta(cfg, buf.config), "harvest_key": key}
         m = write_cache(buf, cache_dir, n_tokens=n_tokens, meta=meta, overwrite=args.overwrite,
@@ -382,12 +381,13 @@ def activations(cfg: DemoConfig, args, model, train_texts, steps: int, out_dir: 
 def validation_activations(cfg: DemoConfig, model, texts):
     """cfg.val_tokens held-out activations [N, d] (or None) from the validation split, by the training
     buffer's rules (windows, BOS, special and massive tokens), for the held-out metrics during training."""
-    from dictionary_learning.buffer import ActivationBuffer, DataExhausted
+    from dictionary_learning.buffer import ActivationBuffer
+    from dictionary_learning.utils import DataExhausted
 
     if not cfg.val_tokens or model is None or not texts:
         return None
-    buf = ActivationBuffer(texts, model, cfg.layer, cfg.site, ctx_len=cfg.ctx_len, refresh_batch_size=cfg.lm_batch_size,
-                           n_ctxs=max(2, 2 * -(-cfg.val_tokens // cfg.ctx_len)), out_batch_size=cfg.val_tokens,
+    buf = ActivationBuffer(texts, model, cfg.layer, cfg.site, ctx_len=cfg.ctx_len, lm_batch_size=cfg.lm_batch_size,
+                           n_ctxs=max(2, 2 * -(-cfg.val_tokens // cfg.ctx_len)), batch_size=cfg.val_tokens,
                            exclude_first_k=cfg.exclude_first_k, prepend_bos=cfg.prepend_bos,
                            max_norm_multiple=cfg.max_norm_multiple, seed=cfg.seed)  # fmt: skip
     try:
@@ -399,6 +399,7 @@ def validation_activations(cfg: DemoConfig, model, texts):
 def evaluate_run(run_dir: Path, cfg: DemoConfig, args) -> list[dict]:
     """Evaluate every SAE under run_dir on the held-out split; returns their eval_results."""
     from dictionary_learning import eval_report
+    from dictionary_learning.runs import find_saes
 
     argv = [str(run_dir), "--n-tokens", str(cfg.eval_tokens), "--dtype", cfg.dtype]
     if cfg.device:
@@ -408,8 +409,7 @@ def evaluate_run(run_dir: Path, cfg: DemoConfig, args) -> list[dict]:
     if eval_report.main(argv) != 0:
         raise RuntimeError(f"evaluation of {run_dir} failed (see the messages above)")
     return [
-        {"folder": str(p), **json.loads((p / "eval_results.json").read_text())}
-        for p in eval_report.find_saes(run_dir)
+        {"folder": str(p), **json.loads((p / "eval_results.json").read_text())} for p in find_saes(run_dir)
     ]
 
 

@@ -27,7 +27,7 @@ class DemoConfig:
     dataset: str = "sample"
     """'sample' (shipped data/sample), 'hub' (the six medical QA sets), a local folder/file, or a Hub id."""
     tokens: int = 200_000
-    """Training token budget per trainer (steps = tokens // sae_batch_size)."""
+    """Training token budget per trainer (steps = tokens // batch_size)."""
     ctx_len: int = 128
     """Tokens per context window."""
     exclude_first_k: int = 1
@@ -43,7 +43,7 @@ class DemoConfig:
     tokens; the evaluation also reports all tokens. None keeps them."""
     lm_batch_size: int = 32
     """Contexts per language-model forward pass."""
-    sae_batch_size: int = 1024
+    batch_size: int = 1024
     """Activation vectors per SAE step (the paper uses 4096)."""
     buffer_tokens: int = 65_536
     """Activation buffer capacity in tokens (refilled when half consumed)."""
@@ -60,7 +60,8 @@ class DemoConfig:
     widths: list[int] = field(default_factory=lambda: [4608])
     """Dictionary sizes (dict_size) to sweep."""
     sparsity_mode: str = "target_l0"
-    """'target_l0' (lambda * (L0/target - 1)^2, the original pipeline) or 'l0' (the paper: lambda * L0)."""
+    """'target_l0' (lambda * (L0/target - 1)^2, the original pipeline), 'l0' (the paper: lambda * L0) or
+    'tanh' (Anthropic's smooth L0: lambda * mean sum tanh(4 * f * |W_dec row|))."""
     target_l0s: list[float] = field(default_factory=lambda: [32, 64, 128])
     """Target L0 per trainer (sparsity_mode 'target_l0')."""
     sparsity_coeffs: list[float] = field(default_factory=lambda: [1.0])
@@ -69,6 +70,9 @@ class DemoConfig:
     """Adam learning rates to sweep."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """SAE initialisation seeds to sweep."""
+    pre_act_loss_coeff: float | None = None
+    """Weight of Anthropic's pre-activation loss on dead latents (TrainerConfig.pre_act_loss_coeff;
+    SAELens suggests 3e-6); None: off."""
     bandwidth: float = 0.001
     """Straight-through estimator bandwidth epsilon (on normalised activations)."""
     threshold_init: float = 0.001
@@ -110,7 +114,7 @@ SMOLLM2_135M = DemoConfig(
     tokens=300_000,
     ctx_len=128,
     lm_batch_size=16,
-    sae_batch_size=1024,
+    batch_size=1024,
     buffer_tokens=32_768,
     dtype="float32",
     cache_activations=True,
@@ -135,7 +139,7 @@ GEMMA_2_2B = DemoConfig(
     tokens=49_000_000,  # 23,925 steps at batch 2048
     ctx_len=1024,
     lm_batch_size=4,
-    sae_batch_size=2048,
+    batch_size=2048,
     buffer_tokens=2**20,
     dtype="bfloat16",
     widths=[2**14],
@@ -155,7 +159,7 @@ PYTHIA_70M = DemoConfig(
     tokens=10_000_000,
     ctx_len=128,
     lm_batch_size=32,
-    sae_batch_size=2048,
+    batch_size=2048,
     buffer_tokens=2**19,
     widths=[2**12, 2**14],
     target_l0s=[20, 40, 80, 160],
@@ -278,7 +282,7 @@ def problems(cfg: DemoConfig) -> list[tuple[str, str]]:
     if out:
         return out
     rules: dict[str, tuple[Callable, str]] = {
-        **{n: (lambda v: v >= 1, "must be >= 1") for n in ("tokens", "ctx_len", "lm_batch_size", "sae_batch_size",
+        **{n: (lambda v: v >= 1, "must be >= 1") for n in ("tokens", "ctx_len", "lm_batch_size", "batch_size",
                                                           "buffer_tokens", "max_epochs", "eval_tokens")},
         **{n: (lambda v: v >= 0, "must be >= 0") for n in ("layer", "warmup_steps", "sparsity_warmup_steps", "seed")},
         "exclude_first_k": (lambda v: 0 <= v < cfg.ctx_len, f"must be >= 0 and < ctx_len ({cfg.ctx_len})"),

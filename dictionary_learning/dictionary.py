@@ -1,9 +1,10 @@
 """Dictionaries (sparse autoencoders) and their files.
 
-JumpReluAutoEncoder (Rajamanoharan et al. 2024, arXiv 2407.14435):
-    pre = x @ W_enc + b_enc                  x [B, d] -> pre [B, m]
-    f   = pre * 1[pre > threshold]           f [B, m]   (threshold >= 0, one per latent, fp32)
-    x̂   = f @ W_dec + b_dec                  x̂ [B, d]
+JumpReluAutoEncoder (Rajamanoharan et al. 2024, arXiv 2407.14435), its forward written once in
+jumprelu.encode / jumprelu.decode (the training step runs the same functions):
+    pre_acts = x @ W_enc + b_enc                      x [B, d] -> pre_acts [B, m]
+    f        = pre_acts * 1[pre_acts > threshold]     f [B, m]   (threshold >= 0, one per latent, fp32)
+    x̂        = f @ W_dec + b_dec                      x̂ [B, d]
 
 Files (no pickle):
   our folder      sae_weights.safetensors (W_enc, W_dec, b_enc, b_dec, threshold)
@@ -26,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import jumprelu
 from .utils import atomic_path, dtype_name, parse_dtype, read_json, write_json
 
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -120,20 +122,22 @@ class JumpReluAutoEncoder(Dictionary):
         if x.shape[-1] != want:
             raise ValueError(f"JumpReluAutoEncoder: {what} has last dim {x.shape[-1]}, expected {want}")
 
-    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d] -> pre = x @ W_enc + b_enc [..., m]."""
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d] -> pre_acts = x @ W_enc + b_enc [..., m]."""
         self._check_width(x, self.activation_dim, "input x")
         return x.to(self.W_enc.dtype) @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d] -> f = pre * 1[pre > threshold] [..., m]."""
-        pre = self.pre_activations(x)
-        return pre * (pre > self.threshold)
+        """x [..., d] -> f = pre_acts * 1[pre_acts > threshold] [..., m] (jumprelu.encode, dense)."""
+        self._check_width(x, self.activation_dim, "input x")
+        flat = x.reshape(-1, x.shape[-1]).to(self.W_enc.dtype)
+        f = jumprelu.encode(flat, self.W_enc.T, self.b_enc, self.threshold).f
+        return f.reshape(*x.shape[:-1], self.dict_size)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        """f [..., m] -> x̂ = f @ W_dec + b_dec [..., d]."""
+        """f [..., m] -> x̂ = f @ W_dec + b_dec [..., d] (jumprelu.decode)."""
         self._check_width(f, self.dict_size, "features f")
-        return f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        return jumprelu.decode(f.to(self.W_dec.dtype), self.W_dec, self.b_dec)
 
     # ------------------------------------------------------------------ files
 
@@ -279,8 +283,8 @@ def _folder_config(path: Path) -> tuple[dict, bool]:
 def _input_rule(path: Path, cfg: dict, b_dec_default: bool) -> bool:
     """Refuse a config whose forward pass the five tensors do not carry; return apply_b_dec_to_input.
     SAELens 6.54's jumprelu SAE (saes/sae.py `process_sae_in`, saes/jumprelu_sae.py) computes
-        pre = (norm_in(reshape(x)) − apply_b_dec_to_input·b_dec)·W_enc + b_enc
-        f = ReLU(pre)·1[pre > threshold],  x̂ = reshape⁻¹(norm_out(f·W_dec + b_dec)),
+        pre_acts = (norm_in(reshape(x)) − apply_b_dec_to_input·b_dec)·W_enc + b_enc
+        f = ReLU(pre_acts)·1[pre_acts > threshold],  x̂ = reshape⁻¹(norm_out(f·W_dec + b_dec)),
     the ReLU a no-op for threshold >= 0. The b_dec term folds into b_enc; a normalisation other than
     "none" is a per-token rescaling (or a scale we do not have), and reshaping changes the input's shape."""
     arch = cfg.get("architecture")

@@ -1,14 +1,14 @@
 """Multi-process training under torchrun: process group, rank helpers, data sharding and the few
-collectives training.trainSAE needs (the data-parallel trainer is in data_parallel.py).
+collectives training.trainSAE needs.
 
     torchrun --nproc_per_node 4 dictionary_learning/demo.py ...                        # data parallel
     torchrun --nproc_per_node 4 dictionary_learning/demo.py --distributed-mode sweep   # split the sweep
 
 Modes (the global SAE batch is the concatenation of the ranks' batches in both):
   data   each rank harvests a disjoint shard of the texts; every step of every SAE uses the gradient of
-         the loss on the global batch (data_parallel.DataParallelTrainer: one all_reduce per trainer
-         and step), so all ranks hold identical SAEs; rank 0 alone writes folders, logs, wandb and
-         checkpoints.
+         the loss on the global batch (the trainer's reduce_sum: one all_reduce of the gradients and
+         statistics per trainer and step, plus one scalar for the global L0), so all ranks hold
+         identical SAEs; rank 0 alone writes folders, logs, wandb and checkpoints.
   sweep  each rank harvests a disjoint shard; the ranks' batches are all-gathered into the global batch
          and each rank trains its round-robin share of the sweep on it, writing those trainers' folders.
 Checkpoints hold every rank's data-stream state and RNGs, so resume (same world size) is exact.
@@ -29,10 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import kernels
-from .buffer import DataExhausted
-from .data_parallel import DataParallelTrainer
 from .trainer import JumpReluTrainer
+from .utils import DataExhausted
 
 MODES = ("data", "sweep")
 TIMEOUT_ENV = "SAE_DIST_TIMEOUT"
@@ -41,14 +39,6 @@ DEFAULT_TIMEOUT_S = 1800.0
 
 class DistributedError(RuntimeError):
     """A collective failed: another rank died, raised, or did not answer within the timeout."""
-
-
-class PeerDataExhausted(DataExhausted):
-    """Another rank's data ran out (so every rank stops at the same step)."""
-
-    def __init__(self, ranks: list[int]):
-        self.tokens_yielded = self.texts_consumed = self.epochs = None
-        RuntimeError.__init__(self, f"the data of rank(s) {ranks} ran out")
 
 
 # ---------------------------------------------------------------------------- process group
@@ -87,12 +77,11 @@ class Context:
         """'cuda' / 'cuda:k' -> this rank's GPU 'cuda:{local_rank}' when distributed; others unchanged."""
         return f"cuda:{self.local_rank}" if self.distributed and str(device).startswith("cuda") else device
 
-    def local_batch_size(self, global_batch: int) -> int:
-        if global_batch % self.world_size:
-            raise ValueError(
-                f"batch size {global_batch} is not divisible by the world size {self.world_size}"
-            )
-        return global_batch // self.world_size
+    def local_batch_size(self, batch_size: int) -> int:
+        """This rank's share of the global batch_size."""
+        if batch_size % self.world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by the world size {self.world_size}")
+        return batch_size // self.world_size
 
     # ------------------------------------------------------------------ collectives
 
@@ -175,8 +164,9 @@ class Context:
         return list(items[self.rank :: self.world_size]) if self.mode == "sweep" else list(items)
 
     def prepare_trainer(self, trainer: JumpReluTrainer) -> JumpReluTrainer:
+        """Data mode: the trainer's steps use the gradient of the loss on the global batch."""
         if self.mode == "data" and self.distributed:
-            return DataParallelTrainer.wrap(trainer, self.all_reduce_sum)
+            trainer.reduce_sum = self.all_reduce_sum
         return trainer
 
     def open_runs(self, open_fn: Callable, runs: list, resume: bool, overwrite: bool) -> dict:
@@ -248,7 +238,7 @@ class Context:
         self.all_reduce_sum(t)
         total, n, failed = t.tolist()
         if failed:
-            raise err or PeerDataExhausted([])
+            raise err or DataExhausted(message="the data of another rank ran out")
         if not math.isfinite(total):
             raise ValueError("estimate_norm_factor: the norm-estimate batches contain NaN or inf")
         if not (n > 0 and total > 0):
@@ -257,8 +247,8 @@ class Context:
 
     def next_batch(self, stream, stopping: bool) -> tuple[torch.Tensor, int] | None:
         """The next training batch and the tokens one step consumes over all ranks, or None when this
-        or another rank is stopping (a signal). Raises DataExhausted (PeerDataExhausted on the other
-        ranks) when some rank's data ran out. Sweep mode returns the all-gathered global batch.
+        or another rank is stopping (a signal). Raises DataExhausted on every rank when some rank's data
+        ran out. Sweep mode returns the all-gathered global batch.
         stream: checkpoint.DataStream (its prefetch queue keeps a pulled-but-unused batch resumable)."""
         if not self.distributed:
             if stopping:
@@ -278,7 +268,8 @@ class Context:
         if table[:, 0].any():
             return None
         if table[:, 1].any():
-            raise err or PeerDataExhausted(table[:, 1].nonzero().flatten().tolist())
+            ranks = table[:, 1].nonzero().flatten().tolist()
+            raise err or DataExhausted(message=f"the data of rank(s) {ranks} ran out")
         x, sizes = next(stream), table[:, 2].tolist()
         return (self.gather_rows(x, sizes) if self.mode == "sweep" else x), sum(sizes)
 
@@ -341,8 +332,6 @@ def init(mode: str = "data", device: str | None = None, timeout_s: float | None 
     if not dist.is_initialized():
         ctx._call("init_process_group", dist.init_process_group, backend, init_method="env://", rank=rank,
                   world_size=world, timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
-    if backend == "gloo" and mode == "data":  # CPU replicas: all on the kernels or all on torch ops
-        kernels.agree_across_ranks(ctx.all_gather_object)
     _CTX = ctx
     return ctx
 

@@ -8,7 +8,7 @@ run once for all):
 - Text: held-out text (the CLI: the data set's validation split), packed by `tokens.pack_texts`
   into [N, ctx_len] windows (BOS first where the model expects it: `prepend_bos`); the first
   windows holding at least `n_tokens` real tokens are scored. The selection does not depend on
-  `batch_size`.
+  `lm_batch_size`.
 - Special tokens (BOS/EOS/PAD, the first `exclude_first_k` positions of a window) and massive-
   activation tokens (norm > max_norm_multiple x the median norm; Sun et al. 2024, arXiv 2402.17762)
   are treated alike for the headline metrics: excluded from every reconstruction and sparsity metric,
@@ -40,7 +40,7 @@ Metrics (per token means unless stated; x: activation, x̂: reconstruction, f: l
 - `*_ci`: the 95% bootstrap interval [lo, hi] of frac_variance_explained(_centred), delta_loss,
   frac_recovered(_mean) and kl_div.
 
-CLI: `python -m dictionary_learning.evaluation RUN_DIR ...` (eval_report.py holds the CLI, the summary
+CLI: `python -m dictionary_learning.eval_report RUN_DIR ...` (eval_report.py holds the CLI, the summary
 tables and the plots).
 """
 
@@ -52,7 +52,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .buffer import get_hook_module, hook_name, hook_value, massive_record, set_hook_value
+from .buffer import massive_record
+from .hooks import get_hook_module, hook_name, traced_forward
 from .metrics import (
     BOOTSTRAP_RESAMPLES,
     ReconstructionStats,
@@ -66,9 +67,6 @@ from .tokens import adds_bos, pack_texts
 
 log = logging.getLogger(__name__)
 
-DENSITY_FLOOR = 1e-10
-"""Floor of the per-latent firing density before log10 (dead latents get log10(1e-10) = -10)."""
-
 
 @dataclass
 class EvalConfig:
@@ -76,7 +74,7 @@ class EvalConfig:
 
     n_tokens: int = 8192
     """Real (non-special) held-out tokens to score; the first packed windows reaching it are used."""
-    batch_size: int = 8
+    lm_batch_size: int = 8
     """Contexts per language-model forward pass (does not change the results)."""
     ctx_len: int = 128
     """Tokens per packed context window."""
@@ -99,14 +97,6 @@ class EvalConfig:
 # ---------------------------------------------------------------------------- pure metrics
 
 
-def log_feature_density(
-    fire_counts: torch.Tensor, n_tokens: int, floor: float = DENSITY_FLOOR
-) -> torch.Tensor:
-    """log10 firing density per latent [m] (SAELens `sparsity.safetensors`); never-firing -> log10(floor)."""
-    density = fire_counts.double() / max(n_tokens, 1)
-    return density.clamp_min(floor).log10().float()
-
-
 def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, keep: torch.Tensor):
     """Log-probabilities at the loss positions: those whose NEXT token is kept.
 
@@ -123,26 +113,6 @@ def _ratio(a: float, b: float) -> float:
 
 
 # ---------------------------------------------------------------------------- model plumbing
-
-
-@torch.no_grad()
-def traced_forward(model, envoy, site: str, input_ids: torch.Tensor, replacement=None, stop_at_hook=False):
-    """One traced forward pass on input_ids [B, T].
-
-    replacement None: returns (activation [B, T, d], logits [B, T, V] or None when stop_at_hook).
-    replacement [B, T, d]: the activation at the hook is replaced; returns (None, logits).
-    """
-    act = logits = None
-    with model.trace(input_ids) as tracer:
-        if replacement is not None:
-            set_hook_value(envoy, site, replacement)
-        else:
-            act = hook_value(envoy, site).save()
-            if stop_at_hook:
-                tracer.stop()
-        if not stop_at_hook:
-            logits = model.output.logits.save()
-    return act, logits
 
 
 def select_contexts(texts: list[str], tokenizer, ctx_len: int, n_tokens: int, exclude_first_k: int = 0,
@@ -178,9 +148,9 @@ def evaluate(sae, model, layer: int, site: str = "resid_post", texts: list[str] 
     return evaluate_many([sae], model, layer, site, texts, **kwargs)[0]
 
 
-def _batches(ids, keep, batch_size, device):
-    return [(ids[i : i + batch_size].to(device), keep[i : i + batch_size].to(device))
-            for i in range(0, len(ids), batch_size)]  # fmt: skip
+def _batches(ids, keep, lm_batch_size, device):
+    return [(ids[i : i + lm_batch_size].to(device), keep[i : i + lm_batch_size].to(device))
+            for i in range(0, len(ids), lm_batch_size)]  # fmt: skip
 
 
 @torch.no_grad()
@@ -207,7 +177,7 @@ def evaluate_many(
     texts: list[str] | None = None,
     mean_texts: list[str] | None = None,
     n_tokens: int = EvalConfig.n_tokens,
-    batch_size: int = EvalConfig.batch_size,
+    lm_batch_size: int = EvalConfig.lm_batch_size,
     ctx_len: int = EvalConfig.ctx_len,
     device: str | None = EvalConfig.device,
     exclude_first_k: int = EvalConfig.exclude_first_k,
@@ -235,9 +205,9 @@ def evaluate_many(
         raise ValueError("evaluate: pass the held-out texts (e.g. dataset.load_texts(spec, 'validation'))")
     if not saes:
         raise ValueError("evaluate_many: no SAEs given")
-    if batch_size < 1 or ctx_len < 2 or n_tokens < 1 or n_ref_tokens < 1:
-        raise ValueError(f"evaluate: need batch_size >= 1, ctx_len >= 2, n_tokens >= 1, n_ref_tokens >= 1 "
-                         f"(got {batch_size}, {ctx_len}, {n_tokens}, {n_ref_tokens})")  # fmt: skip
+    if lm_batch_size < 1 or ctx_len < 2 or n_tokens < 1 or n_ref_tokens < 1:
+        raise ValueError(f"evaluate: need lm_batch_size >= 1, ctx_len >= 2, n_tokens >= 1, n_ref_tokens >= 1 "
+                         f"(got {lm_batch_size}, {ctx_len}, {n_tokens}, {n_ref_tokens})")  # fmt: skip
     device = torch.device(device) if device else model.device
     saes = [sae.to(device=device, dtype=torch.float32).eval() for sae in saes]
     envoy, hook = get_hook_module(model, layer, site), hook_name(layer, site)
@@ -247,7 +217,7 @@ def evaluate_many(
                                                             n_ref_tokens, windows)  # fmt: skip
     if keep.sum() < n_tokens:
         log.warning("only %d real held-out tokens to score (asked for %d)", int(keep.sum()), n_tokens)
-    ref = _batches(ref_ids, ref_keep, batch_size, model.device)
+    ref = _batches(ref_ids, ref_keep, lm_batch_size, model.device)
     median, max_norm, mean_act = _reference(model, envoy, site, bar(ref, "reference"), max_norm_multiple)
     for i, sae in enumerate(saes):
         if sae.activation_dim != len(mean_act):
@@ -255,9 +225,9 @@ def evaluate_many(
             raise ValueError(
                 f"SAE{which} activation_dim {sae.activation_dim} != width {len(mean_act)} of {hook}"
             )
-    scored = bar(_batches(ids, keep, batch_size, model.device), f"x{len(saes)} SAE(s)")
+    scored = bar(_batches(ids, keep, lm_batch_size, model.device), f"x{len(saes)} SAE(s)")
     acc = _score(
-        saes, model, envoy, site, scored, batch_size, len(ids), mean_act.to(device), max_norm, device
+        saes, model, envoy, site, scored, lm_batch_size, len(ids), mean_act.to(device), max_norm, device
     )
 
     weights = resample_weights(len(ids), bootstrap_resamples)
@@ -346,7 +316,7 @@ def _windows(texts, mean_texts, tokenizer, n_tokens, n_ref_tokens, windows: dict
     return (ids[:k], keep[:k]), (ids[k:], keep[k:]), "held-out windows after the scored ones"
 
 
-def _score(saes, model, envoy, site, batches, batch_size, n_windows, mean_act, max_norm, device) -> dict:
+def _score(saes, model, envoy, site, batches, lm_batch_size, n_windows, mean_act, max_norm, device) -> dict:
     """The scoring passes. Returns per SAE ReconstructionStats of the kept tokens (per window) and of
     the massive ones; per-window loss sums (n, clean, ("ce" | "kl", SAE index | "zero" | "mean")); the
     all-tokens loss sums; token counts."""
@@ -366,7 +336,7 @@ def _score(saes, model, envoy, site, batches, batch_size, n_windows, mean_act, m
         kp = real & ~massive
         n_real, n_massive = n_real + int(real.sum()), n_massive + int(massive.sum())
         logp_clean, targets, rows = next_token_logprobs(logits, ids, kp)
-        rows = rows.cpu() + b * batch_size
+        rows = rows.cpu() + b * lm_batch_size
         per_window = lambda v, rows=rows: zw().index_add_(0, rows, v.double().cpu())
         ce_clean = cross_entropy(logp_clean, targets)
         loss["n"] += per_window(torch.ones(len(rows)))
@@ -382,7 +352,7 @@ def _score(saes, model, envoy, site, batches, batch_size, n_windows, mean_act, m
             full["n"] += len(targets)
         del logits
         x = act[kp].to(device=device, dtype=torch.float32)
-        window = kp.nonzero()[:, 0].to(device) + b * batch_size
+        window = kp.nonzero()[:, 0].to(device) + b * lm_batch_size
         for key in keys:
             if key == "zero":
                 value = 0.0
@@ -424,30 +394,3 @@ def _nan_to_none(v):
     if isinstance(v, list):
         return [_nan_to_none(x) for x in v]
     return v
-
-
-# ---------------------------------------------------------------------------- SAEs and artefacts
-
-
-def load_sae(path: str, device: str | None = None):
-    """Any SAE `JumpReluAutoEncoder.from_pretrained` reads (our run folder, a SAELens folder, a Gemma
-    Scope params.npz), in fp32, ready for `evaluate`."""
-    from .dictionary import JumpReluAutoEncoder
-
-    return JumpReluAutoEncoder.from_pretrained(path, device=device, dtype=torch.float32)
-
-
-def save_sparsity(path, fire_counts: torch.Tensor, n_tokens: int) -> None:
-    """Write SAELens-style `sparsity.safetensors`: key `sparsity` = log10 firing density [m] (atomic)."""
-    from safetensors.torch import save_file
-
-    from .utils import atomic_path
-
-    with atomic_path(path) as tmp:
-        save_file({"sparsity": log_feature_density(fire_counts, n_tokens).contiguous()}, str(tmp))
-
-
-if __name__ == "__main__":
-    from .eval_report import main
-
-    raise SystemExit(main())

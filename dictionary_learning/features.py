@@ -37,11 +37,13 @@ from pathlib import Path
 
 import torch
 
-from .buffer import get_hook_module, hook_name, massive_record
-from .eval_report import add_run_flags, run_settings
-from .evaluation import DENSITY_FLOOR, EvalConfig, load_sae, select_contexts, traced_forward
+from .buffer import massive_record
+from .eval_report import add_run_flags, load_sae, run_settings
+from .evaluation import EvalConfig, select_contexts
 from .feature_stats import DEFAULT_BANDS, LatentStats, logit_lens, round_sig, similar_latents
 from .features_html import MARKER, SCHEMA_VERSION, write_browser
+from .hooks import get_hook_module, hook_name, traced_forward
+from .metrics import DENSITY_FLOOR
 
 
 @dataclass
@@ -64,7 +66,7 @@ class BrowserConfig:
     """Output tokens promoted and suppressed shown by the logit lens."""
     n_similar: int = 5
     """Latents with the most similar decoder directions."""
-    batch_size: int = 8
+    lm_batch_size: int = 8
     """Windows per language-model forward pass."""
     seed: int = 0
     """Seed of the band samples."""
@@ -113,7 +115,7 @@ def drop_massive(x: torch.Tensor, pos: torch.Tensor, multiple: float | None):
 
 
 @torch.no_grad()
-def harvest(model, layer: int, site: str, input_ids, keep, batch_size: int, d_sae: int, device, progress):
+def harvest(model, layer: int, site: str, input_ids, keep, lm_batch_size: int, d_sae: int, device, progress):
     """Activations of the kept positions: (x [N_real, d] fp32 on `device`, position [N_real] int64,
     the flat index row·T + col of each into input_ids). The forward stops at the hook. An SAE width
     d_sae other than the hook's width is a ValueError after the first batch."""
@@ -122,8 +124,8 @@ def harvest(model, layer: int, site: str, input_ids, keep, batch_size: int, d_sa
     envoy = get_hook_module(model, layer, site)
     flat = torch.arange(input_ids.numel()).view_as(input_ids)
     xs, ps = [], []
-    for i in tqdm(range(0, len(input_ids), batch_size), desc="features: harvest", disable=not progress):
-        ids, kp = input_ids[i : i + batch_size], keep[i : i + batch_size]
+    for i in tqdm(range(0, len(input_ids), lm_batch_size), desc="features: harvest", disable=not progress):
+        ids, kp = input_ids[i : i + lm_batch_size], keep[i : i + lm_batch_size]
         act, _ = traced_forward(model, envoy, site, ids.to(model.device), stop_at_hook=True)
         if act.shape[-1] != d_sae:
             raise ValueError(
@@ -131,7 +133,7 @@ def harvest(model, layer: int, site: str, input_ids, keep, batch_size: int, d_sa
                 f"in {getattr(model.config, '_name_or_path', 'the model')}"
             )
         xs.append(act[kp.to(act.device)].to(device=device, dtype=torch.float32))
-        ps.append(flat[i : i + batch_size][kp])
+        ps.append(flat[i : i + lm_batch_size][kp])
     return torch.cat(xs), torch.cat(ps).to(device)
 
 
@@ -200,7 +202,7 @@ def collect(sae, model, layer, site, texts, ctx_len, exclude_first_k=0, latents=
             "use a larger --dataset or lower --min-tokens)"
         )
     clock("windows")
-    x, pos = harvest(model, layer, site, ids, keep, cfg.batch_size, sae.activation_dim, device, progress)
+    x, pos = harvest(model, layer, site, ids, keep, cfg.lm_batch_size, sae.activation_dim, device, progress)
     x, pos, massive = drop_massive(x, pos, max_norm_multiple)
     clock("harvest")
     W, b, th = sae.W_enc[:, sel].contiguous(), sae.b_enc[sel], sae.threshold[sel]
@@ -334,7 +336,7 @@ def parse_args(argv=None):
     p.add_argument("--n-tokens", type=int, default=d.n_tokens, help="real held-out tokens to scan")
     p.add_argument("--min-tokens", type=int, default=d.min_tokens, help="fewer held-out tokens: error")
     p.add_argument("--top-k", type=int, default=d.top_k, help="top activating contexts per latent")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per LM forward")
+    p.add_argument("--lm-batch-size", type=int, default=d.lm_batch_size, help="windows per LM forward")
     add_run_flags(p)
     return p.parse_args(argv)
 
@@ -352,8 +354,8 @@ def build(args, models: dict | None = None) -> Path:
     folder = sae_path.parent if sae_path.is_file() else sae_path
     out = Path(args.out) if args.out else folder / "features"
     check_out(out, args.overwrite)
-    if args.n_tokens < 1 or args.top_k < 1 or args.batch_size < 1:
-        raise ValueError("--n-tokens, --top-k and --batch-size must be >= 1")
+    if args.n_tokens < 1 or args.top_k < 1 or args.lm_batch_size < 1:
+        raise ValueError("--n-tokens, --top-k and --lm-batch-size must be >= 1")
     texts = load_texts(
         s["dataset"], split="validation", seed=s["seed"], validation_fraction=s["validation_fraction"]
     )
@@ -365,7 +367,7 @@ def build(args, models: dict | None = None) -> Path:
         models[s["model"]] = load_language_model(s["model"], device=args.device, dtype=args.dtype)
     model = models[s["model"]]
     cfg = BrowserConfig(n_tokens=args.n_tokens, min_tokens=args.min_tokens, top_k=args.top_k,
-                        batch_size=args.batch_size)  # fmt: skip
+                        lm_batch_size=args.lm_batch_size)  # fmt: skip
     meta = {"sae": str(sae_path), "model": s["model"], "dataset": s["dataset"], "split": "validation",
             "seed": s["seed"], "validation_fraction": s["validation_fraction"], "lm_dtype": args.dtype,
             "versions": package_versions(), "git_commit": git_commit()}  # fmt: skip

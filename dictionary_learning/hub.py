@@ -22,11 +22,11 @@ import re
 import sys
 from pathlib import Path
 
+from .runs import SAE_FILES, find_saes
 from .utils import EMBEDDED_ALIASES, read_json
 
 log = logging.getLogger(__name__)
 
-SAE_FILES = ("sae_weights.safetensors", "config.json", "cfg.json")
 EXTRA_FILES = ("eval_results.json", "training_log.jsonl", "sparsity.safetensors")
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -65,30 +65,6 @@ def snapshot_dirs(trainer_dir: Path) -> list[Path]:
     """The SAE snapshots `checkpoints/step_XXXXXXXX/` of a trainer folder that hold an SAE, in step order."""
     snaps = (trainer_dir / "checkpoints").glob("step_*")
     return sorted(p for p in snaps if re.fullmatch(r"step_\d+", p.name) and (p / SAE_FILES[0]).is_file())
-
-
-def find_trainer_dirs(run_dir: str | os.PathLike) -> list[Path]:
-    """Finished trainer folders at or under `run_dir` (those holding a final SAE, outside checkpoints/,
-    and not marked failed/unfinished in status.json)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise HubPushError(f"{run_dir}: no such folder")
-    found = []
-    for w in sorted(run_dir.rglob(SAE_FILES[0])):
-        d = w.parent
-        if "checkpoints" in d.relative_to(run_dir).parts:
-            continue
-        status = read_json(d / "status.json").get("status") if (d / "status.json").exists() else "done"
-        if (d / "FAILED.json").exists() or status != "done":
-            log.warning("%s: skipped (status %s)", d, "failed" if (d / "FAILED.json").exists() else status)
-            continue
-        missing = [f for f in SAE_FILES if not (d / f).exists()]
-        if missing:
-            raise HubPushError(f"{d}: incomplete SAE folder, missing {missing}")
-        found.append(d)
-    if not found:
-        raise HubPushError(f"{run_dir}: no finished trainer folder (with {SAE_FILES[0]}) to push")
-    return found
 
 
 def _base_model(name) -> str | None:
@@ -212,7 +188,10 @@ def push_to_hub(
     from huggingface_hub import CommitOperationAdd, HfApi
 
     run_dir = Path(run_dir)
-    dirs = find_trainer_dirs(run_dir)
+    try:
+        dirs = find_saes(run_dir, finished=True)
+    except FileNotFoundError as e:
+        raise HubPushError(str(e)) from None
     ops, rows = [], []
     for d in dirs:
         rel = d.name if d == run_dir else d.relative_to(run_dir).as_posix()

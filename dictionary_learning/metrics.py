@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_LEVEL = 0.95
+DENSITY_FLOOR = 1e-10
+"""Floor of the per-latent firing density before log10 (dead latents get log10(1e-10) = -10)."""
 
 
 def _sq(v: torch.Tensor) -> torch.Tensor:
@@ -92,8 +94,8 @@ class ReconstructionStats:
     tokens into batches differently gives the same result."""
 
     def __init__(self, d: int, m: int, n_windows: int = 1, device: str | torch.device = "cpu"):
-        z = lambda *shape: torch.zeros(n_windows, *shape, dtype=torch.float64, device=device)
-        self.win = {"n": z(), "sq_x": z(), "sum_x": z(d), "sq_err": z(), "sum_err": z(d)}
+        zeros = lambda *shape: torch.zeros(n_windows, *shape, dtype=torch.float64, device=device)
+        self.win = {"n": zeros(), "sq_x": zeros(), "sum_x": zeros(d), "sq_err": zeros(), "sum_err": zeros(d)}
         self.cos = self.l2_ratio = self.xhat_sq = self.dot = 0.0
         self.l0 = 0
         self.fire_counts = torch.zeros(m, dtype=torch.int64, device=device)
@@ -158,3 +160,11 @@ def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor
     stats = ReconstructionStats(x.shape[-1], f.shape[-1], device=x.device)
     stats.update(x, x_hat, f)
     return stats.compute()
+
+
+def log_feature_density(
+    fire_counts: torch.Tensor, n_tokens: int, floor: float = DENSITY_FLOOR
+) -> torch.Tensor:
+    """log10 firing density per latent [m] (SAELens `sparsity.safetensors`); never-firing -> log10(floor)."""
+    density = fire_counts.double() / max(n_tokens, 1)
+    return density.clamp_min(floor).log10().float()

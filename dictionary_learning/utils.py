@@ -88,6 +88,21 @@ def write_dir_atomic(final: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+class DataExhausted(RuntimeError):
+    """The data ran out: a buffer or cache after `epochs` passes (with its counts), another rank's data
+    under torchrun, or a training run before its last step (trainSAE saves a checkpoint first). Without
+    `message`, the message is built from the counts."""
+
+    def __init__(self, tokens_yielded: int | None = None, texts_consumed: int | None = None,
+                 epochs: int | None = None, where: str = "buffer", message: str | None = None):  # fmt: skip
+        self.tokens_yielded, self.texts_consumed, self.epochs = tokens_yielded, texts_consumed, epochs
+        if message is None:
+            texts = "" if texts_consumed is None else f" from {texts_consumed} texts"
+            message = (f"{where}: data exhausted after {epochs} epoch(s): {tokens_yielded} tokens yielded"
+                       f"{texts}; use more data or a larger `epochs` (None = repeat forever)")  # fmt: skip
+        super().__init__(message)
+
+
 class FolderLockedError(RuntimeError):
     """Another process holds the lock on a folder (lock_folder)."""
 

@@ -35,16 +35,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(params=["kernels", "torch ops"])
-def cpu_path(request, monkeypatch):
-    """Runs a test twice on CPU: with the fused C++ kernels (kernels.cpp) and with the torch-op
-    fallback that GPUs and machines without a compiler use."""
-    from dictionary_learning import kernels
-
-    if request.param == "torch ops":
-        monkeypatch.setitem(kernels._state, "ops", None)
-    elif kernels.cpu_ops() is None:
-        pytest.skip("the C++ kernels are not available (SAE_KERNELS=0, or the build failed: see the warning)")
-    return request.param

@@ -11,10 +11,9 @@ import torch
 import transformers
 from nnsight.modeling.transformers import TransformersModel
 
-from dictionary_learning.buffer import (
+from dictionary_learning.buffer import ActivationBuffer
+from dictionary_learning.hooks import (
     SITES,
-    ActivationBuffer,
-    DataExhausted,
     get_hook_module,
     get_layers,
     hook_name,
@@ -22,7 +21,7 @@ from dictionary_learning.buffer import (
     set_hook_value,
 )
 from dictionary_learning.tokens import pack_texts, pad_texts, position_ids
-from dictionary_learning.utils import prepare_embedded_model
+from dictionary_learning.utils import DataExhausted, prepare_embedded_model
 
 TEXTS = [
     "The heart pumps blood through the body.",
@@ -271,7 +270,7 @@ def check_against_reference(hf, tok, buf_kwargs, texts, layer=1, bos=False):
 
 def test_buffer_packed_matches_transformers(llama, tok):
     buf = check_against_reference(
-        llama[1], tok, dict(ctx_len=16, n_ctxs=6, refresh_batch_size=2, out_batch_size=7), TEXTS
+        llama[1], tok, dict(ctx_len=16, n_ctxs=6, lm_batch_size=2, batch_size=7), TEXTS
     )
     assert buf.counters["texts_skipped"] == 3 and buf.texts_consumed == len(TEXTS)
 
@@ -284,8 +283,8 @@ def test_buffer_padded_matches_transformers(side, llama, tok):
         dict(
             ctx_len=16,
             n_ctxs=6,
-            refresh_batch_size=4,
-            out_batch_size=9,
+            lm_batch_size=4,
+            batch_size=9,
             pack=False,
             padding_side=side,
             exclude_first_k=1,
@@ -302,7 +301,7 @@ def test_gemma2_bos_tokenizer_matches_transformers(pack, gemma, bos_tok):
     check_against_reference(
         gemma[1],
         bos_tok,
-        dict(ctx_len=16, n_ctxs=4, refresh_batch_size=3, out_batch_size=5, pack=pack, padding_side="left"),
+        dict(ctx_len=16, n_ctxs=4, lm_batch_size=3, batch_size=5, pack=pack, padding_side="left"),
         TEXTS[:8],
     )
 
@@ -312,14 +311,14 @@ def test_gpt2_absolute_positions_padded_left(tok):
     check_against_reference(
         tiny("gpt2", tok)[1],
         tok,
-        dict(ctx_len=16, n_ctxs=4, refresh_batch_size=3, out_batch_size=5, pack=False),
+        dict(ctx_len=16, n_ctxs=4, lm_batch_size=3, batch_size=5, pack=False),
         TEXTS[:8],
     )
 
 
 def test_exclude_first_k_packed(llama, tok):
     check_against_reference(
-        llama[1], tok, dict(ctx_len=16, n_ctxs=4, out_batch_size=11, exclude_first_k=3), TEXTS
+        llama[1], tok, dict(ctx_len=16, n_ctxs=4, batch_size=11, exclude_first_k=3), TEXTS
     )
 
 
@@ -331,7 +330,7 @@ def test_multi_layer_one_forward_and_early_stop(tok):
     hooks.append(hf.lm_head.register_forward_pre_hook(count("lm_head")))
     hooks.append(hf.model.norm.register_forward_pre_hook(count("norm")))
     buf = ActivationBuffer(
-        TEXTS, nm, [1, 0], ctx_len=16, n_ctxs=4, refresh_batch_size=2, out_batch_size=8, return_index=True
+        TEXTS, nm, [1, 0], ctx_len=16, n_ctxs=4, lm_batch_size=2, batch_size=8, return_index=True
     )
     x, idx, _ = drain(buf)
     for h in hooks:
@@ -353,7 +352,7 @@ def test_mlp_out_and_resid_pre_sites(llama, tok):
     nm, hf = llama
     for site in ("resid_pre", "mlp_out"):
         buf = ActivationBuffer(
-            TEXTS[:5], nm, 2, site=site, ctx_len=16, n_ctxs=4, out_batch_size=1000, return_index=True
+            TEXTS[:5], nm, 2, site=site, ctx_len=16, n_ctxs=4, batch_size=1000, return_index=True
         )
         x, idx = next(buf)
         ids, _ = pack_texts(TEXTS[:5], tok, 16)
@@ -367,7 +366,7 @@ def test_mlp_out_and_resid_pre_sites(llama, tok):
 # ---------------------------------------------------------------------------- shuffling, state, end of data
 
 
-KW = dict(ctx_len=16, n_ctxs=6, refresh_batch_size=2, out_batch_size=10, return_index=True)
+KW = dict(ctx_len=16, n_ctxs=6, lm_batch_size=2, batch_size=10, return_index=True)
 
 
 def test_shuffled_across_contexts_and_seeded(llama):
@@ -478,7 +477,7 @@ def test_embedded_smollm2(embedded_model):
     h = get_layers(hf)[2].register_forward_pre_hook(lambda *a: fired.append(1))
     texts = TEXTS[:6]
     buf = ActivationBuffer(
-        texts, nm, 1, ctx_len=32, n_ctxs=4, refresh_batch_size=2, out_batch_size=64, return_index=True
+        texts, nm, 1, ctx_len=32, n_ctxs=4, lm_batch_size=2, batch_size=64, return_index=True
     )
     x, idx, _ = drain(buf)
     h.remove()
@@ -501,7 +500,7 @@ def test_gemma2_windows_start_with_bos_and_no_bos_is_yielded(gemma, bos_tok):
         lambda mod, args, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True
     )
     try:
-        buf = ActivationBuffer(TEXTS, nm, 1, ctx_len=16, n_ctxs=4, refresh_batch_size=3, return_index=True)
+        buf = ActivationBuffer(TEXTS, nm, 1, ctx_len=16, n_ctxs=4, lm_batch_size=3, return_index=True)
         x, idx, _ = drain(buf)
     finally:
         handle.remove()
@@ -529,7 +528,7 @@ def test_massive_tokens_are_dropped_recorded_and_kept_out_of_the_norm_factor(tok
     from dictionary_learning.trainer import estimate_norm_factor
 
     nm, hf, target = planted(tok)
-    kw = dict(ctx_len=16, n_ctxs=64, refresh_batch_size=8, out_batch_size=7, return_index=True)
+    kw = dict(ctx_len=16, n_ctxs=64, lm_batch_size=8, batch_size=7, return_index=True)
     buf = ActivationBuffer(TEXTS, nm, 1, **kw)
     x, idx, _ = drain(buf)
     everything, all_idx, _ = drain(ActivationBuffer(TEXTS, nm, 1, max_norm_multiple=None, **kw))
@@ -561,7 +560,7 @@ def test_massive_tokens_are_dropped_recorded_and_kept_out_of_the_norm_factor(tok
 def test_massive_rule_resumes_exactly(tok):
     """The threshold is part of the buffer state: a resumed buffer drops the same tokens and counts."""
     nm, _, _ = planted(tok)
-    kw = dict(ctx_len=16, n_ctxs=8, refresh_batch_size=3, out_batch_size=5)
+    kw = dict(ctx_len=16, n_ctxs=8, lm_batch_size=3, batch_size=5)
     whole_buf = ActivationBuffer(TEXTS, nm, 1, **kw)
     whole, _, _ = drain(whole_buf)
     a = ActivationBuffer(TEXTS, nm, 1, **kw)

@@ -10,9 +10,9 @@ import transformers
 from nnsight.modeling.transformers import TransformersModel
 
 from dictionary_learning import cache as cache_mod
-from dictionary_learning.buffer import ActivationBuffer, DataExhausted
+from dictionary_learning.buffer import ActivationBuffer
 from dictionary_learning.cache import ActivationCache, push_cache_to_hub, write_cache
-from dictionary_learning.utils import prepare_embedded_model
+from dictionary_learning.utils import DataExhausted, prepare_embedded_model
 
 
 def batches(n_batches=7, B=13, d=6, dtype=torch.float32, seed=0):
@@ -231,7 +231,7 @@ def test_from_activation_buffer(tmp_path):
     torch.manual_seed(0)
     nm = TransformersModel(transformers.AutoModelForCausalLM.from_config(cfg).eval(), tokenizer=tok)
     texts = ["The liver makes bile.", "Insulin lowers blood glucose in most patients."] * 5
-    kw = dict(ctx_len=16, n_ctxs=4, out_batch_size=10)
+    kw = dict(ctx_len=16, n_ctxs=4, batch_size=10)
     m = write_cache(ActivationBuffer(texts, nm, 0, **kw), tmp_path / "c", n_tokens=45, shard_rows=20)
     assert m["hook"] == "blocks.0.hook_resid_post" and m["layer"] == 0 and m["ctx_len"] == 16 and m["d"] == 32
     assert m["buffer"]["n_ctxs"] == 4 and m["counters"]["tokens_yielded"] == 50

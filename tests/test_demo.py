@@ -29,7 +29,7 @@ def test_plan_for_gemma_needs_no_gpu_or_hub():
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     assert plan["d_model"] == 2304 and plan["layer"] == 20
-    assert plan["steps"] == 23925 and plan["sae_batch_size"] == 2048
+    assert plan["steps"] == 23925 and plan["batch_size"] == 2048
     assert len(plan["trainers"]) == 6 and all("w16384" in t for t in plan["trainers"])
     assert plan["output_folder"].endswith("google__gemma-2-2b/resid_post_layer20")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dictionary_learning import eval_report, metrics
 from dictionary_learning import evaluation as ev
 from dictionary_learning.dictionary import JumpReluAutoEncoder
 
@@ -28,7 +29,7 @@ TEXTS = [
     f"{['a blood count', 'an x-ray', 'a culture', 'an ECG'][i % 4]}."
     for i in range(200)
 ]
-KW = dict(n_tokens=600, batch_size=4, ctx_len=32, progress=False)
+KW = dict(n_tokens=600, lm_batch_size=4, ctx_len=32, progress=False)
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -122,7 +123,7 @@ def random_sae(d=D, m=4 * D, seed=0):
 
 
 def test_log_feature_density_has_floor():
-    got = ev.log_feature_density(torch.tensor([0, 1, 2, 4]), 4)
+    got = metrics.log_feature_density(torch.tensor([0, 1, 2, 4]), 4)
     want = torch.tensor([-10.0, math.log10(0.25), math.log10(0.5), 0.0])
     torch.testing.assert_close(got, want)
 
@@ -169,7 +170,7 @@ def test_dead_latents_and_sparsity_counts(tiny_model, tmp_path):
     assert r["dead_latents"] == int((counts == 0).sum()) >= 4
     assert r["frac_alive"] == pytest.approx(1 - r["dead_latents"] / (2 * D))
     assert r["l0"] == pytest.approx(counts.sum().item() / r["n_tokens"])
-    ev.save_sparsity(tmp_path / "sparsity.safetensors", counts, r["n_tokens"])
+    eval_report.save_sparsity(tmp_path / "sparsity.safetensors", counts, r["n_tokens"])
     from safetensors.torch import load_file
 
     s = load_file(tmp_path / "sparsity.safetensors")["sparsity"]
@@ -181,7 +182,7 @@ def test_dead_latents_and_sparsity_counts(tiny_model, tmp_path):
 def test_splice_matches_a_manual_forward_hook(tiny_model, site):
     """The nnsight splice equals replacing the same activation with a plain torch hook, and leaves
     no edit behind (the next clean run is clean)."""
-    from dictionary_learning.buffer import get_hook_module
+    from dictionary_learning.hooks import get_hook_module
     from dictionary_learning.tokens import pack_texts
 
     ids, keep = pack_texts(TEXTS[:8], tiny_model.tokenizer, 32)
@@ -348,7 +349,8 @@ def test_bos_first_windows_are_never_scored(tiny_model, monkeypatch):
 def test_results_do_not_depend_on_batch_size(tiny_model):
     sae = random_sae()
     runs = [
-        ev.evaluate(sae, tiny_model, LAYER, "resid_post", TEXTS, **{**KW, "batch_size": b}) for b in (1, 3, 8)
+        ev.evaluate(sae, tiny_model, LAYER, "resid_post", TEXTS, **{**KW, "lm_batch_size": b})
+        for b in (1, 3, 8)
     ]
     for other in runs[1:]:
         assert_same_metrics(other, runs[0], rel=1e-5, abs_=1e-7)
@@ -380,7 +382,7 @@ def test_evaluate_many_equals_evaluating_each_alone(tiny_model, monkeypatch):
         assert got == want  # bitwise: same passes, same float64 sums
         assert torch.equal(got_counts, want_counts)
     n_batches = calls.count("clean")
-    assert n_batches == math.ceil(together[0][0]["n_contexts"] / KW["batch_size"])
+    assert n_batches == math.ceil(together[0][0]["n_contexts"] / KW["lm_batch_size"])
     assert calls.count("reference") == n_reference > 0  # the reference pass runs once for all SAEs
     assert calls.count("patched") == (3 + 2) * n_batches  # one splice per SAE + zero + mean, per batch
 
@@ -399,7 +401,7 @@ def test_our_saelens_and_gemma_scope_files_give_identical_metrics(tiny_model, tm
     (saelens / "config.json").unlink()  # SAELens layout: cfg.json + sae_weights.safetensors only
     npz = sae.export_gemma_scope(tmp_path / "gs" / "params.npz")
     results = [
-        ev.evaluate(ev.load_sae(str(p)), tiny_model, LAYER, "resid_post", TEXTS, **KW)
+        ev.evaluate(eval_report.load_sae(str(p)), tiny_model, LAYER, "resid_post", TEXTS, **KW)
         for p in (ours, saelens, npz)
     ]
     direct = ev.evaluate(sae, tiny_model, LAYER, "resid_post", TEXTS, **KW)
@@ -422,7 +424,7 @@ def test_bad_arguments_get_clear_errors(tiny_model):
 @pytest.fixture(scope="module")
 def trained_run(tiny_model_dir, tmp_path_factory):
     """A two-trainer sweep folder written by training.trainSAE (random data: only the files matter)."""
-    from dictionary_learning.trainer import TrainerConfig
+    from dictionary_learning.config import TrainerConfig
     from dictionary_learning.training import trainSAE
 
     root = tmp_path_factory.mktemp("cli")
@@ -489,7 +491,7 @@ def test_cli_evaluates_a_sweep_and_writes_reports(trained_run, monkeypatch):
     )
 
     run_dir = root / "runs"
-    assert eval_report.main([str(run_dir), "--n-tokens", "300", "--batch-size", "4", "--no-progress"]) == 0
+    assert eval_report.main([str(run_dir), "--n-tokens", "300", "--lm-batch-size", "4", "--no-progress"]) == 0
     # held-out text scored; the train split only for the reference tokens (mean ablation, median norm)
     assert splits == ["validation", "train"] and len(loads) == 1  # the model loaded once
     assert groups == [2]  # same model, hook and data: both SAEs share one evaluation
@@ -528,14 +530,14 @@ def test_cli_evaluates_a_sweep_and_writes_reports(trained_run, monkeypatch):
     from dictionary_learning.utils import load_language_model
 
     direct = ev.evaluate(
-        ev.load_sae(str(dirs[0])),
+        eval_report.load_sae(str(dirs[0])),
         load_language_model(res["eval"]["model"], device="cpu"),
         LAYER,
         "resid_post",
         texts,
         mean_texts=train,
         n_tokens=300,
-        batch_size=2,
+        lm_batch_size=2,
         ctx_len=32,
         progress=False,
     )
@@ -546,8 +548,8 @@ def test_cli_evaluates_an_external_npz_by_the_same_procedure(trained_run, tmp_pa
     from dictionary_learning import eval_report
 
     root, dirs = trained_run
-    npz = ev.load_sae(str(dirs[0])).export_gemma_scope(tmp_path / "params.npz")
-    args = ["--n-tokens", "300", "--batch-size", "3", "--no-progress"]
+    npz = eval_report.load_sae(str(dirs[0])).export_gemma_scope(tmp_path / "params.npz")
+    args = ["--n-tokens", "300", "--lm-batch-size", "3", "--no-progress"]
     ours = eval_report.main([str(dirs[0]), *args])
     ext = eval_report.main(
         [
@@ -599,7 +601,7 @@ def test_cli_bad_run_dir_exits_2_with_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     for target in (tmp_path / "missing", tmp_path / "empty"):
         r = subprocess.run(
-            [sys.executable, "-m", "dictionary_learning.evaluation", str(target)],
+            [sys.executable, "-m", "dictionary_learning.eval_report", str(target)],
             capture_output=True,
             text=True,
             timeout=120,
@@ -622,14 +624,14 @@ def assert_png(path):
 
 
 def test_find_saes_skips_checkpoints_and_needs_a_config(tmp_path):
-    from dictionary_learning import eval_report
+    from dictionary_learning.runs import find_saes
 
     sae = random_sae()
     for sub in ("a", "b", "a/checkpoints/step_00000064"):
         sae.save(tmp_path / sub, {"model": "m", "layer": 1, "site": "resid_post"})
     (tmp_path / "b" / "config.json").unlink()
     (tmp_path / "b" / "cfg.json").unlink()  # weights alone are not an SAE folder
-    assert eval_report.find_saes(tmp_path) == [tmp_path / "a"]
-    assert eval_report.find_saes(tmp_path / "a") == [tmp_path / "a"]
+    assert find_saes(tmp_path) == [tmp_path / "a"]
+    assert find_saes(tmp_path / "a") == [tmp_path / "a"]
     with pytest.raises(FileNotFoundError, match="no SAE found"):
-        eval_report.find_saes(tmp_path / "b")
+        find_saes(tmp_path / "b")

@@ -13,8 +13,9 @@ import pytest
 import torch
 from huggingface_hub.utils._http import default_client_factory
 
-from dictionary_learning.hub import HubPushError, check_push, find_trainer_dirs, main, push_to_hub
-from dictionary_learning.trainer import TrainerConfig
+from dictionary_learning.config import TrainerConfig
+from dictionary_learning.hub import HubPushError, check_push, main, push_to_hub
+from dictionary_learning.runs import find_saes
 from dictionary_learning.training import layer_dir, trainSAE
 
 REPO = "someone/tiny-saes"
@@ -123,7 +124,7 @@ def test_push_uploads_trainer_folders_and_card(run_dir, mock_hub):
     create = [json.loads(b) for m, p, _, b in hub.requests if p == "/api/repos/create"]
     assert create and create[0]["name"] == "tiny-saes" and create[0]["organization"] == "someone"
     files = hub.committed_files()
-    names = sorted(d.name for d in find_trainer_dirs(run_dir))
+    names = sorted(d.name for d in find_saes(run_dir, finished=True))
     assert names == ["jumprelu_w32_tl0-4_lr0.001_s0", "jumprelu_w64_tl0-4_lr0.001_s0"]
     want = {"README.md"} | {f"{n}/{f}" for n in names for f in
                             ("sae_weights.safetensors", "config.json", "cfg.json", "training_log.jsonl")}  # fmt: skip
@@ -189,7 +190,7 @@ def test_push_checkpoints_adds_the_sae_snapshots(run_dir, mock_hub, monkeypatch)
     """Issue 16, Also: --push-checkpoints (checkpoints=True; hub CLI --checkpoints) uploads each trainer's
     log-spaced snapshots checkpoints/step_*/ with their SAE files, never the full-state latest/."""
     hub = mock_hub()
-    names = sorted(d.name for d in find_trainer_dirs(run_dir))
+    names = sorted(d.name for d in find_saes(run_dir, finished=True))
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     assert main([str(run_dir), REPO, "--checkpoints"]) == 0
     files = hub.committed_files()

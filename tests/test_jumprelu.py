@@ -4,7 +4,6 @@ derived by hand from Rajamanoharan et al. 2024 (arXiv 2407.14435) §3 with K(u) 
 import pytest
 import torch
 
-from dictionary_learning.grads import _bags, candidates, flat_nonzero, segment_sums, sum_by
 from dictionary_learning.jumprelu import (
     JumpReLUFunction,
     StepFunction,
@@ -12,6 +11,7 @@ from dictionary_learning.jumprelu import (
     rectangle,
     sparsity_loss,
 )
+from dictionary_learning.pairs import bags, candidates, flat_nonzero, segment_sums, sum_by
 
 EPS = 0.001
 # One latent, θ = 0.1, three tokens: u = (z − θ)/ε = 0.4 (inside window, active),
@@ -112,9 +112,9 @@ def test_flat_nonzero_matches_nonzero(shape, p):
 
 @pytest.mark.parametrize("chunk_bytes", [1, 40, 1 << 21])  # one row, several rows, everything
 @pytest.mark.parametrize("two_sided", [False, True])
-def test_candidates_match_mask(chunk_bytes, two_sided, cpu_path):
-    """(rows, cols, values) of the pairs in (lo, hi), row-major; m = 37 is not a multiple of the
-    kernel's 16-wide compares; NaN is never a candidate; None once more than max_count are found."""
+def test_candidates_match_mask(chunk_bytes, two_sided):
+    """(rows, cols, values) of the pairs in (lo, hi), row-major; m = 37 is not a multiple of 8 (the
+    scan's word size); NaN is never a candidate; None once more than max_count are found."""
     g = torch.Generator().manual_seed(1)
     xW = torch.randn(29, 37, generator=g)
     xW[3, 5] = float("nan")
@@ -140,11 +140,11 @@ def test_bags_into_out_match_direct_sums():
     idx = torch.randint(0, 9, (int(counts.sum()),), generator=g)
     w = torch.randn(idx.numel(), generator=g)
     want = torch.stack([(w[s:e, None] * src[idx[s:e]]).sum(0) for s, e in zip(offsets[:-1], offsets[1:])])
-    out = torch.full((7, 5), float("nan"))
-    got = _bags(offsets, idx, w, src, out=out, block_bytes=4 * 5 * 2)  # two bags per block
+    out = torch.full((7, 5), float("nan"))  # garbage in `out` must not leak into the result
+    got = bags(offsets, idx, w, src, out=out)
     assert got.data_ptr() == out.data_ptr()
     torch.testing.assert_close(got, want)
-    torch.testing.assert_close(_bags(offsets, idx, w, src), want)
+    torch.testing.assert_close(bags(offsets, idx, w, src), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])

@@ -18,7 +18,7 @@ def test_notebook_runs_on_a_small_cache(tmp_path, embedded_model):
 
     texts = load_texts("sample", split="train")
     buf = ActivationBuffer(
-        texts, embedded_model, layer=2, ctx_len=64, n_ctxs=64, refresh_batch_size=16, out_batch_size=1024
+        texts, embedded_model, layer=2, ctx_len=64, n_ctxs=64, lm_batch_size=16, batch_size=1024
     )
     cache = tmp_path / "cache"
     meta = {

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dictionary_learning import jumprelu as J
+from dictionary_learning.config import TrainerConfig
 from dictionary_learning.dictionary import JumpReluAutoEncoder
-from dictionary_learning.grads import autograd_grads
-from dictionary_learning.trainer import JumpReluTrainer, TrainerConfig, estimate_norm_factor
+from dictionary_learning.trainer import JumpReluTrainer, estimate_norm_factor
 
 # SAE_TEST_DEVICE=cuda runs these tests on a GPU (benchmarks/gpu_checks.sh does); CI is CPU-only.
 DEVICE = os.environ.get("SAE_TEST_DEVICE", "cpu")
@@ -47,6 +48,36 @@ def superposition(d, n_features, p_active, noise=0.01, seed=0):
     return V, sample
 
 
+def pre_acts_of(ae, x):
+    """The pre-activations z = x·W_enc + b_enc [B, m], written out here (the test's own formula)."""
+    return x.to(ae.W_enc.dtype) @ ae.W_enc + ae.b_enc
+
+
+def reference_grads(t, x, coeff, pre_acts=None):
+    """The reference the step is tested against: plain autograd on dense [B, m] tensors through
+    jumprelu.py's JumpReLUFunction and StepFunction (step on pre_acts, not f: bug #55), for the loss of
+    trainer t ('l0' / 'target_l0' modes) on the normalised batch x. Sets .grad of every parameter and
+    returns the statistics compute_grads returns. pre_acts: use these (e.g. from a bf16 product)."""
+    ae = t.ae
+    with torch.enable_grad():
+        leaves = {n: p.detach().clone().requires_grad_(True) for n, p in t.params.items()}
+        if pre_acts is None:
+            pre_acts = x @ leaves["W_enc"].T + leaves["b_enc"]
+        else:
+            pre_acts = pre_acts.detach().requires_grad_(True)
+        x_hat = J.jumprelu(pre_acts, leaves["threshold"], t.cfg.bandwidth) @ leaves["W_dec"] + leaves["b_dec"]
+        mse = J.reconstruction_loss(x, x_hat)
+        l0 = J.step(pre_acts, leaves["threshold"], t.cfg.bandwidth).sum(-1).mean()
+        sp = t.sparsity_penalty(l0, coeff)
+        (mse + sp).backward()
+    for n, p in t.params.items():
+        p.grad = leaves[n].grad
+    counts = (pre_acts > ae.threshold).sum(0, dtype=torch.int32)
+    x_hat = x_hat.detach()
+    return {"loss": (mse + sp).detach(), "mse": mse.detach(), "sparsity_loss": sp.detach(), "l0": l0.detach(),
+            "x_hat": x_hat, "mean_err": (x_hat - x).mean(0), "fired": counts > 0, "counts": counts}  # fmt: skip
+
+
 def randomise(trainer, seed=0, quantile=0.9, window_frac=0.05):
     """Give a trainer a non-trivial state: random biases, θ at a per-latent quantile of the
     pre-activations of a batch x, and some (token, latent) pairs inside the kernel window.
@@ -57,7 +88,7 @@ def randomise(trainer, seed=0, quantile=0.9, window_frac=0.05):
     with torch.no_grad():
         ae.b_enc.copy_(torch.randn(c.dict_size, generator=g) * 0.05)
         ae.b_dec.copy_(torch.randn(c.activation_dim, generator=g) * 0.05)
-        pre = ae.pre_activations(x)
+        pre = pre_acts_of(ae, x)
         ae.threshold.copy_(torch.quantile(pre, quantile, dim=0).clamp_min(0) + 1e-4)
         # nudge some latents so a token sits at θ ± ε/4 (inside the window, both sides)
         n = max(1, int(window_frac * c.dict_size))
@@ -99,14 +130,14 @@ def test_name_encodes_width_sparsity_lr_seed():
 def test_config_complete_and_json_round_trip():
     t = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, seed=5, steps=123)
     t.set_norm_factor(2.5)
-    cfg = json.loads(json.dumps(t.config))
+    cfg = json.loads(json.dumps(t.cfg.to_dict()))
     for key in ("lr", "sparsity_mode", "sparsity_coeff", "target_l0", "bandwidth", "threshold_init", "steps",
                 "warmup_steps", "sparsity_warmup_steps", "decay_start", "max_grad_norm", "adam_betas",
                 "adam_eps", "seed", "dtype", "device", "unit_norm_decoder", "dead_feature_threshold"):  # fmt: skip
         assert key in cfg, key
     assert cfg["norm_factor"] == 2.5 and cfg["seed"] == 5 and cfg["name"] == t.name
     assert TrainerConfig.from_dict(cfg) == t.cfg
-    assert JumpReluTrainer(cfg).config == t.config
+    assert JumpReluTrainer(cfg).cfg.to_dict() == t.cfg.to_dict()
 
 
 def test_schedules():
@@ -127,14 +158,17 @@ def test_schedules():
 
 @pytest.mark.parametrize("mode", ["l0", "target_l0"])
 @pytest.mark.parametrize("quantile", [0.5, 0.9, 0.99])
-def test_sparse_and_dense_gradients_agree_with_autograd(mode, quantile, cpu_path):
+def test_sparse_and_dense_gradients_agree_with_autograd(mode, quantile):
     t = JumpReluTrainer(activation_dim=24, dict_size=80, device=DEVICE, sparsity_mode=mode, target_l0=3,
                         bandwidth=0.02, sparsity_coeff=0.7, seed=1)  # fmt: skip
     x = randomise(t, seed=2, quantile=quantile)
     grads, stats = {}, {}
     for kind in ("autograd", "sparse", "dense"):
-        stats[kind] = t.compute_grads(x, coeff=0.7, backward=kind)
-        assert t.last_backward == kind
+        if kind == "autograd":
+            stats[kind] = reference_grads(t, x, coeff=0.7)
+        else:
+            stats[kind] = t.compute_grads(x, coeff=0.7, backward=kind)
+            assert t.last_backward == kind
         grads[kind] = {n: p.grad.clone() for n, p in t.params.items()}
         stats[kind] = {k: v.clone() for k, v in stats[kind].items()}  # x_hat is reused by the next call
     assert grads["autograd"]["threshold"].abs().sum() > 0  # the window is populated
@@ -149,17 +183,16 @@ def test_sparse_and_dense_gradients_agree_with_autograd(mode, quantile, cpu_path
             torch.testing.assert_close(stats[kind][k], stats["autograd"][k], rtol=1e-5, atol=1e-6)
         assert torch.equal(stats[kind]["fired"], stats["autograd"]["fired"])
         assert torch.equal(stats[kind]["counts"], stats["autograd"]["counts"])
-    pre = t.ae.pre_activations(x)
-    assert torch.equal(stats["autograd"]["counts"].long(), (pre > t.ae.threshold).sum(0))
+    assert torch.equal(stats["sparse"]["counts"].long(), (pre_acts_of(t.ae, x) > t.ae.threshold).sum(0))
 
 
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
-def test_gradients_written_in_place(kind, cpu_path):
+def test_gradients_written_in_place(kind):
     """The W_dec / W_enc gradients are computed into last step's tensors (sparse: block-wise bags):
     same gradients as autograd, and the storage is reused across steps."""
     t = JumpReluTrainer(activation_dim=24, dict_size=80, device=DEVICE, backward=kind, bandwidth=0.02)
     x = randomise(t, seed=2, quantile=0.9)
-    t.compute_grads(x, coeff=0.7, backward="autograd")
+    reference_grads(t, x, coeff=0.7)
     ref = {n: p.grad.clone() for n, p in t.params.items()}
     t.compute_grads(x, coeff=0.7)
     ptrs = {n: t.params[n].grad.data_ptr() for n in ("W_dec", "W_enc")}
@@ -220,10 +253,10 @@ def test_optimizer_step_is_dense_adam():
     assert v1[:8].min() > 0
 
 
-def test_unit_norm_decoder_step(cpu_path):
+def test_unit_norm_decoder_step():
     """With unit_norm_decoder the gradient's component along each W_dec row is removed before Adam
     (in place: the stored gradient ends up orthogonal to the old rows), and the rows are unit length
-    after the step; the kernels and the torch ops give the same step."""
+    after the step."""
     t = JumpReluTrainer(activation_dim=16, dict_size=32, device=DEVICE, lr=1e-2, warmup_steps=0)
     x = randomise(t, quantile=0.7)
     W0 = t.ae.W_dec.detach().clone()
@@ -236,35 +269,14 @@ def test_unit_norm_decoder_step(cpu_path):
     assert (t.ae.W_dec - W0).norm(dim=1).min() > 1e-4  # every row moved
 
 
-def test_kernels_and_torch_ops_give_the_same_update(monkeypatch):
-    """One update (sparse step, unit-norm decoder, Adam) with the CPU kernels and with the torch ops
-    from the same state: equal up to summation order."""
-    from dictionary_learning import kernels
-
-    if DEVICE != "cpu" or kernels.cpu_ops() is None:
-        pytest.skip("the CPU kernels are not in use here")
-    params = {}
-    for path in ("kernels", "torch ops"):
-        if path == "torch ops":
-            monkeypatch.setitem(kernels._state, "ops", None)
-        t = JumpReluTrainer(
-            activation_dim=24, dict_size=80, lr=1e-2, warmup_steps=0, backward="sparse", seed=3
-        )
-        x = randomise(t, seed=4, quantile=0.9)
-        t.update(0, x)
-        params[path] = {n: p.detach().clone() for n, p in t.params.items()}
-    for n, p in params["kernels"].items():
-        torch.testing.assert_close(p, params["torch ops"][n], rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("active", [False, True])
-def test_nan_decoder_row_makes_the_loss_nan(active, cpu_path):
+def test_nan_decoder_row_makes_the_loss_nan(active):
     """A NaN W_dec row of a latent with a candidate pair reaches the loss on every path (0 · NaN is
     NaN), so update refuses the step instead of applying NaN gradients."""
     t = JumpReluTrainer(activation_dim=16, dict_size=32, device=DEVICE, backward="sparse", bandwidth=0.02)
     x = randomise(t, quantile=0.9, window_frac=0.0)
     with torch.no_grad():
-        pre = t.ae.pre_activations(x)
+        pre = pre_acts_of(t.ae, x)
         j = 5  # its largest pre-activation just above θ (active) or just below it (an inactive candidate)
         t.ae.threshold[j] = pre[:, j].max() + (-0.25 if active else 0.25) * t.cfg.bandwidth
         assert (pre[:, j] > t.ae.threshold[j]).any() == active
@@ -341,6 +353,79 @@ def test_recovers_ground_truth_features():
     assert abs(l0 - n_true.mean()) <= 0.3 * n_true.mean(), (float(l0), float(n_true.mean()))
 
 
+# ---------------------------------------------------------------------------- loss options
+
+
+def option_reference(t, x, coeff, dead):
+    """Plain autograd on dense tensors through jumprelu.py's JumpReLUFunction (and StepFunction for
+    L0 modes), with the two options' formulas written out here: tanh penalty (1/B)·Σ tanh(c·f·‖W_dec_j‖),
+    pre-activation loss (1/B)·Σ_{dead j} ReLU(θ_j − z)·‖W_dec_j‖. Returns {name: gradient}."""
+    c = t.cfg
+    P = {n: p.detach().clone().requires_grad_(True) for n, p in t.params.items()}
+    pre_acts = x @ P["W_enc"].T + P["b_enc"]
+    f = J.jumprelu(pre_acts, P["threshold"], c.bandwidth)
+    norms = P["W_dec"].norm(dim=1)
+    loss = ((x - (f @ P["W_dec"] + P["b_dec"])) ** 2).sum(1).mean()
+    if c.sparsity_mode == "tanh":
+        loss = loss + coeff * torch.tanh(c.tanh_scale * f * norms).sum(1).mean()
+    else:
+        loss = loss + t.sparsity_penalty(J.step(pre_acts, P["threshold"], c.bandwidth).sum(1).mean(), coeff)
+    if c.pre_act_loss_coeff:
+        loss = (
+            loss + c.pre_act_loss_coeff * ((P["threshold"] - pre_acts).relu() * norms)[:, dead].sum(1).mean()
+        )
+    loss.backward()
+    return {n: p.grad for n, p in P.items()}
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+@pytest.mark.parametrize("option", ["tanh", "pre_act", "both"])
+def test_loss_options_agree_with_autograd(option, kind):
+    kw = dict(sparsity_mode="tanh", tanh_scale=3.0) if option in ("tanh", "both") else {}
+    if option in ("pre_act", "both"):
+        kw["pre_act_loss_coeff"] = 0.3
+    t = JumpReluTrainer(activation_dim=24, dict_size=80, device=DEVICE, bandwidth=0.02, sparsity_coeff=0.7,
+                        seed=1, dead_feature_threshold=50, **kw)  # fmt: skip
+    x = randomise(t, seed=2, quantile=0.9)
+    dead = torch.arange(3, 80, 7, device=DEVICE)  # latents 3, 10, ...: silent for 60 tokens > 50
+    t.tokens_since_fired[dead] = 60
+    assert torch.equal(t.dead_latents(), dead)
+    ref = option_reference(t, x, 0.7, dead)
+    s = t.compute_grads(x, coeff=0.7, backward=kind)
+    assert t.last_backward == kind and ("pre_act_loss" in s) == (option != "tanh")
+    for n, g in ref.items():
+        assert g.abs().sum() > 0, n
+        assert (t.params[n].grad - g).norm() <= 1e-5 * g.norm(), (option, kind, n)
+
+
+def test_tanh_penalty_trains_sparser_with_a_larger_coefficient():
+    l0 = [_train_l0(sparsity_mode="tanh", sparsity_coeff=c) for c in (0.003, 0.03, 0.3)]
+    assert l0[0] > l0[1] > l0[2], l0
+
+
+def test_pre_act_loss_revives_dead_latents():
+    """Latents whose b_enc is far below θ never fire, so no gradient reaches them; the pre-activation
+    loss pushes their z up until they fire again. Without it they stay dead."""
+    _, sample = superposition(16, 32, 4 / 32)
+    fired = {}
+    for coeff in (None, 0.05):
+        t = JumpReluTrainer(activation_dim=16, dict_size=32, steps=300, warmup_steps=20, sparsity_warmup_steps=100,
+                            sparsity_mode="l0", sparsity_coeff=0.03, dead_feature_threshold=256,
+                            pre_act_loss_coeff=coeff, **SMALL)  # fmt: skip
+        t.set_norm_factor(estimate_norm_factor([sample(1024)[0]]))
+        with torch.no_grad():
+            t.ae.b_enc[:8] = -3.0  # latents 0..7: z far below θ on every token
+        counts = torch.zeros(32, dtype=torch.int64, device=DEVICE)
+        for s in range(300):
+            out = t.update(s, sample(128)[0])
+            if s >= 250:
+                counts += t.fire_counts
+            t.firing_density()  # a new window every step
+        fired[coeff] = int((counts[:8] > 0).sum())
+        assert math.isfinite(out["loss"]) and ("pre_act_loss" in out) == (coeff is not None)
+    assert fired[None] == 0 and fired[0.05] >= 6, fired
+
+
 # ---------------------------------------------------------------------------- normalisation
 
 
@@ -409,13 +494,14 @@ def test_exact_resume(tmp_path, backward):
     part.set_norm_factor(estimate_norm_factor(batches[:4]))
     for s, x in enumerate(batches[:17]):
         part.update(s, x)
-    tensors, meta = part.state_dict()
+    state = part.state_dict()
+    tensors, meta = state["tensors"], state["meta"]
     assert tensors["ae.W_enc"].shape == tensors["optim.W_enc.exp_avg_sq"].shape == (10, 24)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "state.safetensors"))
     (tmp_path / "state.json").write_text(json.dumps(meta))
     resumed = JumpReluTrainer(**kw)  # no norm factor yet: comes from the state
-    resumed.load_state_dict(load_file(str(tmp_path / "state.safetensors")),
-                            json.loads((tmp_path / "state.json").read_text()))  # fmt: skip
+    resumed.load_state_dict({"tensors": load_file(str(tmp_path / "state.safetensors")),
+                             "meta": json.loads((tmp_path / "state.json").read_text())})  # fmt: skip
     assert resumed.step == 17 and resumed.cfg.norm_factor == part.cfg.norm_factor
     for s, x in enumerate(batches[17:], start=17):
         resumed.update(s, x)
@@ -431,10 +517,10 @@ def test_load_state_rejects_other_config():
     a = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, lr=1e-3)
     b = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, lr=2e-3)
     with pytest.raises(ValueError, match="lr"):
-        b.load_state_dict(*a.state_dict())
+        b.load_state_dict(a.state_dict())
     c = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, lr=1e-3, autocast="bfloat16")
     with pytest.raises(ValueError, match="autocast"):
-        c.load_state_dict(*a.state_dict())  # bf16 products: other math
+        c.load_state_dict(a.state_dict())  # bf16 products: other math
 
 
 def test_load_state_accepts_other_speed_settings():
@@ -445,7 +531,7 @@ def test_load_state_accepts_other_speed_settings():
     )
     a.update(0, torch.randn(32, 8))
     b = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE)
-    b.load_state_dict(*a.state_dict())
+    b.load_state_dict(a.state_dict())
     for n, p in a.params.items():
         assert torch.equal(p, b.params[n]), n
     assert b.cfg.backward == "auto" and b.cfg.sparse_max_density is None and b.step == 1
@@ -463,7 +549,7 @@ def test_firing_density_is_over_the_tokens_since_the_last_read():
             assert torch.equal(t.firing_density(), want.double() / 48)  # steps 0-1
             want.zero_()
         with torch.no_grad():
-            want += (t.ae.pre_activations(x / 2.0) > t.ae.threshold).sum(0)  # the weights this step sees
+            want += (pre_acts_of(t.ae, x / 2.0) > t.ae.threshold).sum(0)  # the weights this step sees
         t.update(s, x)
     density = t.firing_density()
     assert torch.equal(density, want.double() / 72) and 0 < density.max() <= 1  # steps 2-4
@@ -531,17 +617,17 @@ def test_frac_variance_explained_definition():
     assert out["mse"] == pytest.approx(float(mse), rel=1e-5)
 
 
-def test_bf16_runs_autograd_with_fp32_threshold():
+def test_bf16_runs_dense_with_fp32_threshold():
     t = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, dtype="bfloat16")
     for s in range(3):
         out = t.update(s, torch.randn(16, 8))
-    assert t.last_backward == "autograd" and math.isfinite(out["loss"])
+    assert t.last_backward == "dense" and math.isfinite(out["loss"])
     assert t.ae.W_enc.dtype == torch.bfloat16 and t.ae.threshold.dtype == torch.float32
 
 
-@pytest.mark.parametrize("k,expect", [(8, "autograd"), (14, "sparse")])
+@pytest.mark.parametrize("k,expect", [(8, "dense"), (14, "sparse")])
 def test_autocast_bf16_close_to_fp32_with_fp32_state(k, expect):
-    """autocast='bfloat16': GEMMs in bf16 (the dense phase through autograd under torch.autocast),
+    """autocast='bfloat16': GEMMs in bf16 (the dense branch's products too),
     parameters, gradients and Adam state fp32; gradients within bf16 rounding of the fp32 ones, and
     not bitwise equal to them (the bf16 products really ran). θ_j sits mid-way between the k-th and
     (k+1)-th of 16 tokens' pre-activations (latents where those are too close are switched off), so
@@ -556,7 +642,7 @@ def test_autocast_bf16_close_to_fp32_with_fp32_state(k, expect):
     with torch.no_grad():
         for tr in (ref, t):
             tr.ae.b_enc.fill_(1.0)  # all z > 0, so no θ is clamped to 0
-        z = ref.ae.pre_activations(x)
+        z = pre_acts_of(ref.ae, x)
         err = ((x.bfloat16() @ ref.ae.W_enc.bfloat16()).float() + ref.ae.b_enc - z).abs().max()
         zs = z.sort(0).values
         theta = (zs[k - 1] + zs[k]) / 2
@@ -565,13 +651,13 @@ def test_autocast_bf16_close_to_fp32_with_fp32_state(k, expect):
             tr.ae.threshold.copy_(theta)
     assert (z - theta).abs().min() > 2 * err  # no pair can flip across θ
     assert (theta <= zs[-1]).float().mean() > 0.5  # most latents are live
-    ref.compute_grads(x, coeff=0.7, backward="autograd")
+    reference_grads(ref, x, coeff=0.7)
     t.compute_grads(x, coeff=0.7)
     assert t.last_backward == expect
     for n in ("W_enc", "W_dec", "b_enc", "b_dec"):
         g, g_ref = t.params[n].grad, ref.params[n].grad
         assert g.dtype == torch.float32 and t.params[n].dtype == torch.float32, n
-        assert (g - g_ref).norm() <= (0.02 if expect == "autograd" else 1e-5) * g_ref.norm(), n
+        assert (g - g_ref).norm() <= (0.02 if expect == "dense" else 1e-5) * g_ref.norm(), n
         assert expect == "sparse" or not torch.equal(g, g_ref), n
     out = t.update(0, x)
     assert (
@@ -590,11 +676,11 @@ def test_autocast_sparse_phase_gives_the_fp32_gradients():
     x = randomise(ref, seed=5, quantile=0.97, window_frac=0.1)
     randomise(t, seed=5, quantile=0.97, window_frac=0.1)
     with torch.no_grad():
-        z, th = ref.ae.pre_activations(x), ref.ae.threshold
+        z, th = pre_acts_of(ref.ae, x), ref.ae.threshold
         z16 = (x.bfloat16() @ ref.ae.W_enc.bfloat16()).float() + ref.ae.b_enc
         in_window = lambda v: (v - th).abs() < kw["bandwidth"] / 2  # noqa: E731
     assert ((z16 > th) != (z > th)).any() or (in_window(z16) != in_window(z)).any()  # rounding matters
-    ref.compute_grads(x, coeff=0.7, backward="autograd")
+    reference_grads(ref, x, coeff=0.7)
     stats = t.compute_grads(x, coeff=0.7)
     assert t.last_backward == "sparse"
     assert ref.params["threshold"].grad.abs().sum() > 0
@@ -606,7 +692,7 @@ def test_autocast_sparse_phase_gives_the_fp32_gradients():
 
 def test_autocast_dense_phase_recomputes_the_pairs_near_threshold():
     """Dense phase under bf16 autocast: z is recomputed in fp32 wherever rounding could move a pair
-    across θ or the kernel window (grads.exact_near_threshold), so θ's gradient matches fp32 closely;
+    across θ or the kernel window (jumprelu.JumpReLUEncoder), so θ's gradient matches fp32 closely;
     the plain autocast step on the raw bf16 product (the control) misses it by a third."""
     kw = dict(
         activation_dim=256, dict_size=1024, device=DEVICE, bandwidth=0.001, seed=0, sparse_max_density=0.05
@@ -614,9 +700,9 @@ def test_autocast_dense_phase_recomputes_the_pairs_near_threshold():
     ref, t = JumpReluTrainer(**kw), JumpReluTrainer(**kw, autocast="bfloat16")
     x = randomise(ref, seed=10, quantile=0.5, window_frac=0.1)
     randomise(t, seed=10, quantile=0.5, window_frac=0.1)
-    ref.compute_grads(x, coeff=0.7, backward="autograd")
+    reference_grads(ref, x, coeff=0.7)
     t.compute_grads(x, coeff=0.7)
-    assert t.last_backward == "autograd"
+    assert t.last_backward == "dense"
 
     def rel(g, n):
         return float((g.float() - ref.params[n].grad).norm() / ref.params[n].grad.norm())
@@ -625,11 +711,10 @@ def test_autocast_dense_phase_recomputes_the_pairs_near_threshold():
     for n in ("W_enc", "W_dec", "b_enc", "b_dec"):
         assert rel(t.params[n].grad, n) < 0.02, n
     ae = t.ae
-    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16):
-        raw = (x.bfloat16() @ ae.W_enc.bfloat16()).float()
-        g, _ = autograd_grads(x, raw, ae.b_enc, ae.W_dec, ae.b_dec, ae.threshold, 0.001,
-                              lambda l0: t.sparsity_penalty(l0, 0.7))  # fmt: skip
-    assert rel(g["threshold"], "threshold") > 0.1
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        raw = (x.bfloat16() @ ae.W_enc.bfloat16()).float() + ae.b_enc
+        reference_grads(t, x, 0.7, pre_acts=raw)
+    assert rel(t.params["threshold"].grad, "threshold") > 0.1
 
 
 def test_autocast_config_errors():
@@ -637,7 +722,9 @@ def test_autocast_config_errors():
         with pytest.raises(ValueError, match=r"TrainerConfig.autocast: must be 'bfloat16' or None"):
             TrainerConfig(8, 16, autocast=bad)
     with pytest.raises(ValueError, match="backward"):
-        TrainerConfig(8, 16, autocast="bfloat16", backward="dense")
+        TrainerConfig(8, 16, autocast="bfloat16", backward="autograd")  # the reference is test code now
     t = JumpReluTrainer(activation_dim=8, dict_size=16, device=DEVICE, autocast="bfloat16")
-    with pytest.raises(ValueError, match="dense"):
-        t.compute_grads(torch.randn(4, 8, device=DEVICE), 1.0, backward="dense")
+    with pytest.raises(ValueError, match="backward must be one of"):
+        t.compute_grads(torch.randn(4, 8, device=DEVICE), 1.0, backward="autograd")
+    t.compute_grads(torch.randn(4, 8, device=DEVICE), 1.0, backward="dense")  # one encoder: bf16 dense too
+    assert t.last_backward == "dense"
