@@ -43,9 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dictionary_learning import features  # noqa: E402
-from dictionary_learning.hooks import get_layers  # noqa: E402
 from dictionary_learning.dictionary import JumpReluAutoEncoder  # noqa: E402
 from dictionary_learning.features_html import write_browser  # noqa: E402
+from dictionary_learning.hooks import get_layers  # noqa: E402
 from dictionary_learning.utils import load_language_model, write_dir_atomic  # noqa: E402
 
 PUBMEDQA = REPO.parent / "shared" / "data" / "pubmedqa" / "ori_pqal_800.json"

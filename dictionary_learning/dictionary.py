@@ -122,11 +122,6 @@ class JumpReluAutoEncoder(Dictionary):
         if x.shape[-1] != want:
             raise ValueError(f"JumpReluAutoEncoder: {what} has last dim {x.shape[-1]}, expected {want}")
 
-    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d] -> pre_acts = x @ W_enc + b_enc [..., m]."""
-        self._check_width(x, self.activation_dim, "input x")
-        return x.to(self.W_enc.dtype) @ self.W_enc + self.b_enc
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d] -> f = pre_acts * 1[pre_acts > threshold] [..., m] (jumprelu.encode, dense)."""
         self._check_width(x, self.activation_dim, "input x")

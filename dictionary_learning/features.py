@@ -43,6 +43,7 @@ from .evaluation import EvalConfig, select_contexts
 from .feature_stats import DEFAULT_BANDS, LatentStats, logit_lens, round_sig, similar_latents
 from .features_html import MARKER, SCHEMA_VERSION, write_browser
 from .hooks import get_hook_module, hook_name, traced_forward
+from .jumprelu import encode
 from .metrics import DENSITY_FLOOR
 
 
@@ -138,9 +139,9 @@ def harvest(model, layer: int, site: str, input_ids, keep, lm_batch_size: int, d
 
 
 def _encode(x, W, b, th):
-    """JumpReLU of the selected latents: x [B, d], W [d, m'], b, th [m'] -> f [B, m']."""
-    pre = x @ W + b
-    return pre * (pre > th)
+    """The SAE's encoder (jumprelu.encode) restricted to the selected latents: x [B, d], W [d, m'] (those
+    columns of W_enc), b, th [m'] -> f [B, m']."""
+    return encode(x, W.T, b, th).f
 
 
 @torch.no_grad()
