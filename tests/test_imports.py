@@ -77,3 +77,28 @@ def test_no_import_kept_only_for_a_re_export():
             assert not (line.lstrip().startswith(("from ", "import ")) and "noqa: F401" in line), (
                 f"{path.name}:{n}"
             )
+
+
+def test_every_imported_name_exists():
+    """Function-level imports run only when their function does (a subprocess, a CLI path): check that
+    every name the package, its tests and benchmarks import from it exists where they look for it."""
+    import importlib
+
+    root = PACKAGE.parent
+    files = [*PACKAGE.glob("*.py"), *(root / "tests").glob("*.py"), *(root / "benchmarks").glob("*.py")]
+    missing = []
+    for path in sorted(files):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level == 1 and path.parent == PACKAGE:
+                target = f"dictionary_learning.{node.module}" if node.module else "dictionary_learning"
+            elif (node.module or "").split(".")[0] == "dictionary_learning" and node.level == 0:
+                target = node.module
+            else:
+                continue
+            module = importlib.import_module(target)
+            for alias in node.names:
+                if not hasattr(module, alias.name) and not (PACKAGE / f"{alias.name}.py").exists():
+                    missing.append(f"{path.name}:{node.lineno}: {target}.{alias.name}")
+    assert not missing, missing
