@@ -43,7 +43,9 @@ def long_text(n_words: int, seed: int = 0) -> str:
 
 
 def stream(tok, texts, pack=True, ctx_len=64):
-    cfg = SimpleNamespace(ctx_len=ctx_len, pack=pack, padding_side="right", exclude_first_k=0, epochs=1)
+    cfg = SimpleNamespace(
+        ctx_len=ctx_len, pack=pack, padding_side="right", exclude_first_k=0, epochs=1, prepend_bos=None
+    )
     return TokenStream(TextSource(texts), tok, cfg)
 
 
