@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from .hooks import hook_points, hook_value
-from .tokens import TextSource, TokenStream
+from .texts import TextSource
+from .tokens import TokenStream
 from .utils import DataExhausted, parse_dtype
 
 # ---------------------------------------------------------------------------- buffer

@@ -9,7 +9,8 @@ import pytest
 import transformers
 
 from dictionary_learning import tokens
-from dictionary_learning.tokens import TextSource, TokenStream
+from dictionary_learning.texts import TextSource
+from dictionary_learning.tokens import TokenStream
 from dictionary_learning.utils import prepare_embedded_model
 
 PIECE = 1000  # characters; the default (tokens.MAX_PIECE_CHARS) is far larger, the mechanism is the same
