@@ -13,6 +13,8 @@ as (latent, value, token position) triples, so no [N, m] tensor for all N tokens
 - `logit_lens`: the output tokens a decoder direction promotes and suppresses, W_U · (g ⊙ W_dec[i])
   with g the final norm's gain (Bricken et al. 2023, "Towards Monosemanticity", logit weights).
 - `similar_latents`: the latents with the most similar decoder directions (cosine of W_dec rows).
+- `encode_latents` / `context_values`: a subset of the SAE's latents through its encoder
+  (jumprelu.encode, the one forward), and their values on the tokens around chosen ones.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .jumprelu import encode
 
 NEG_INF = float("-inf")
 
@@ -267,3 +271,43 @@ def round_sig(t: torch.Tensor, digits: int = 3) -> list:
     out[arr == 0] = 0
     out[nan.numpy()] = None
     return out.tolist()
+
+
+def encode_latents(x, W, b, th):
+    """The SAE's encoder (jumprelu.encode) restricted to the selected latents: x [B, d], W [d, m'] (those
+    columns of W_enc), b, th [m'] -> f [B, m']."""
+    return encode(x, W.T, b, th).f
+
+
+@torch.no_grad()
+def context_values(x, row_of, W, b, th, lat, pos, T: int, radius: int, block_rows: int = 2048):
+    """Activation of latent lat[c] on the tokens around pos[c], for C chosen (latent, token) pairs.
+
+    x [N_real, d]; row_of [N·T] (the row of x for each flat position, -1 where not scored); W [d, m'],
+    b, th [m']; lat, pos [C]. Returns (start [C], values [C, 2·radius+1]): values[c, j] is the
+    activation at window position start[c] + j, NaN where unscored or past the window's end.
+    Computed a block of windows (~block_rows tokens) at a time: one [rows, d] x [d, latents shown
+    there] product per block, large enough to run at GEMM speed.
+    """
+    w, col = pos // T, pos % T
+    start = (col - radius).clamp_min(0)
+    out = torch.full((len(lat), 2 * radius + 1), float("nan"), device=x.device)
+    offs = torch.arange(2 * radius + 1, device=x.device)
+    G = max(1, block_rows // T)  # windows per block
+    order = torch.argsort(w, stable=True)
+    blocks, counts = torch.unique_consecutive(w[order] // G, return_counts=True)
+    i = 0
+    for blk, n in zip(blocks.tolist(), counts.tolist()):
+        idx, i = order[i : i + n], i + n
+        rows = row_of[blk * G * T : (blk + 1) * G * T]
+        scored = rows >= 0
+        lats, inv = lat[idx].unique(return_inverse=True)
+        if 2 * len(lats) > W.shape[1]:  # most latents: no column gather
+            lats, inv = None, lat[idx]
+        cols = (slice(None), lats) if lats is not None else (slice(None), slice(None))
+        z = torch.full((len(rows), W.shape[1] if lats is None else len(lats)), float("nan"), device=x.device)
+        z[scored] = encode_latents(x[rows[scored]], W[cols], b[cols[1]], th[cols[1]])
+        p = start[idx, None] + offs  # [n, 2R+1] positions in the window
+        vals = z[(w[idx, None] - blk * G) * T + p.clamp_max(T - 1), inv[:, None]]
+        out[idx] = torch.where(p < T, vals, float("nan"))
+    return start, out

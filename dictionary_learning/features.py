@@ -40,10 +40,17 @@ import torch
 from .buffer import massive_record
 from .eval_report import add_run_flags, load_sae, run_settings
 from .evaluation import EvalConfig, select_contexts
-from .feature_stats import DEFAULT_BANDS, LatentStats, logit_lens, round_sig, similar_latents
+from .feature_stats import (
+    DEFAULT_BANDS,
+    LatentStats,
+    context_values,
+    encode_latents,
+    logit_lens,
+    round_sig,
+    similar_latents,
+)
 from .features_html import MARKER, SCHEMA_VERSION, write_browser
 from .hooks import get_hook_module, hook_name, traced_forward
-from .jumprelu import encode
 from .metrics import DENSITY_FLOOR
 
 
@@ -138,46 +145,6 @@ def harvest(model, layer: int, site: str, input_ids, keep, lm_batch_size: int, d
     return torch.cat(xs), torch.cat(ps).to(device)
 
 
-def _encode(x, W, b, th):
-    """The SAE's encoder (jumprelu.encode) restricted to the selected latents: x [B, d], W [d, m'] (those
-    columns of W_enc), b, th [m'] -> f [B, m']."""
-    return encode(x, W.T, b, th).f
-
-
-@torch.no_grad()
-def context_values(x, row_of, W, b, th, lat, pos, T: int, radius: int, block_rows: int = 2048):
-    """Activation of latent lat[c] on the tokens around pos[c], for C chosen (latent, token) pairs.
-
-    x [N_real, d]; row_of [N·T] (the row of x for each flat position, -1 where not scored); W [d, m'],
-    b, th [m']; lat, pos [C]. Returns (start [C], values [C, 2·radius+1]): values[c, j] is the
-    activation at window position start[c] + j, NaN where unscored or past the window's end.
-    Computed a block of windows (~block_rows tokens) at a time: one [rows, d] x [d, latents shown
-    there] product per block, large enough to run at GEMM speed.
-    """
-    w, col = pos // T, pos % T
-    start = (col - radius).clamp_min(0)
-    out = torch.full((len(lat), 2 * radius + 1), float("nan"), device=x.device)
-    offs = torch.arange(2 * radius + 1, device=x.device)
-    G = max(1, block_rows // T)  # windows per block
-    order = torch.argsort(w, stable=True)
-    blocks, counts = torch.unique_consecutive(w[order] // G, return_counts=True)
-    i = 0
-    for blk, n in zip(blocks.tolist(), counts.tolist()):
-        idx, i = order[i : i + n], i + n
-        rows = row_of[blk * G * T : (blk + 1) * G * T]
-        scored = rows >= 0
-        lats, inv = lat[idx].unique(return_inverse=True)
-        if 2 * len(lats) > W.shape[1]:  # most latents: no column gather
-            lats, inv = None, lat[idx]
-        cols = (slice(None), lats) if lats is not None else (slice(None), slice(None))
-        z = torch.full((len(rows), W.shape[1] if lats is None else len(lats)), float("nan"), device=x.device)
-        z[scored] = _encode(x[rows[scored]], W[cols], b[cols[1]], th[cols[1]])
-        p = start[idx, None] + offs  # [n, 2R+1] positions in the window
-        vals = z[(w[idx, None] - blk * G) * T + p.clamp_max(T - 1), inv[:, None]]
-        out[idx] = torch.where(p < T, vals, float("nan"))
-    return start, out
-
-
 # ---------------------------------------------------------------------------- the data
 
 
@@ -209,7 +176,7 @@ def collect(sae, model, layer, site, texts, ctx_len, exclude_first_k=0, latents=
     W, b, th = sae.W_enc[:, sel].contiguous(), sae.b_enc[sel], sae.threshold[sel]
     stats = LatentStats(len(sel), cfg.top_k, cfg.n_bins, cfg.per_band, device, cfg.seed)
     for i in range(0, len(x), 2048):
-        stats.update(_encode(x[i : i + 2048], W, b, th), pos[i : i + 2048])
+        stats.update(encode_latents(x[i : i + 2048], W, b, th), pos[i : i + 2048])
     clock("stats")
 
     # the chosen tokens: top-k, then the band samples; -1 marks an empty slot
