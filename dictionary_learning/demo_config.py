@@ -270,7 +270,7 @@ def _fits(kind, value) -> bool:
 
 def problems(cfg: DemoConfig) -> list[tuple[str, str]]:
     """(field, what is wrong) for every field of cfg of the wrong type or out of range."""
-    from .buffer import SITES
+    from .hooks import SITES
     from .jumprelu import SPARSITY_MODES
     from .utils import DTYPES
 
