@@ -9,6 +9,8 @@ checkpoints/latest/ of a run (written by save_checkpoint, read by read_checkpoin
                         RNGs, ...}; written last
 The folder is written beside and swapped in (utils.write_dir_atomic), so a kill leaves `latest` or
 `latest.old` complete; read_checkpoint checks every file and key, and falls back to `.old` or stops.
+Also here: the final save (beside, then moved in) and what a resume tidies in a run folder (the log
+past the checkpoint, the temporaries of a killed run).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .utils import DataExhausted, read_json, write_dir_atomic
+from .dictionary import WEIGHTS_FILE
+from .utils import DataExhausted, NoSpaceError, atomic_path, disk_full, read_json, write_dir_atomic
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,22 @@ def save_checkpoint(path: Path, trainer, loop: dict, data_state: dict) -> None:
         (tmp / "meta.json").write_text(json.dumps({"trainer": meta, "loop": loop}, indent=1))  # last
 
     write_dir_atomic(path, write)
+
+
+def save_final(run_dir: Path, trainer, cfg: dict) -> None:
+    """The final SAE (trainer.save with config `cfg`) into run_dir: written into `.final.tmp-PID` beside
+    the other files, then moved in. On an error the temporary folder is removed (a full disk:
+    NoSpaceError naming the weights file)."""
+    tmp = run_dir / f".final.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        trainer.save(tmp, extra_cfg=cfg)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise (NoSpaceError(run_dir / WEIGHTS_FILE) if disk_full(e) else e) from e
+    for f in tmp.iterdir():
+        os.replace(f, run_dir / f.name)
+    tmp.rmdir()
 
 
 class CheckpointError(ValueError):
@@ -119,6 +138,50 @@ def read_checkpoint(path: Path) -> tuple[dict, dict, dict, dict] | None:
     log.warning("%s; resuming from %s (step %s); the damaged folder is kept as %s", damaged, old,
                 ck[2]["step"], aside.name)  # fmt: skip
     return ck
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the lines of a training_log.jsonl past `step` (written after the checkpoint we resume from)."""
+    if not path.exists():
+        return
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln)["step"] <= step:
+                keep.append(ln)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut by a kill: always written after the checkpoint
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Remove the `*.tmp-PID` files and folders in run_dir and run_dir/checkpoints (a killed run's
+    `.final.tmp-PID`, `latest.tmp-PID`, `step_*.tmp-PID`) whose process is gone, or is this one (which
+    has written nothing there yet). Call it holding the run folder's lock. Returns what was removed."""
+    removed = []
+    for p in sorted([*run_dir.glob("*.tmp-*"), *run_dir.glob("checkpoints/*.tmp-*")]):
+        pid = p.name.rpartition(".tmp-")[2]
+        if not pid.isdigit() or (int(pid) != os.getpid() and _running(int(pid))):
+            continue
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        removed.append(p)
+    if removed:
+        log.info("%s: removed temporaries left by a killed run: %s", run_dir,
+                 ", ".join(str(p.relative_to(run_dir)) for p in removed))  # fmt: skip
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: keep the temporaries
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def rng_state() -> dict:

@@ -14,6 +14,7 @@ Presets live in demo_config.py; every DemoConfig field can be overridden from th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -399,7 +400,7 @@ def validation_activations(cfg: DemoConfig, model, texts):
 def evaluate_run(run_dir: Path, cfg: DemoConfig, args) -> list[dict]:
     """Evaluate every SAE under run_dir on the held-out split; returns their eval_results."""
     from dictionary_learning import eval_report
-    from dictionary_learning.runs import find_saes
+    from dictionary_learning.eval_summary import find_saes
 
     argv = [str(run_dir), "--n-tokens", str(cfg.eval_tokens), "--dtype", cfg.dtype]
     if cfg.device:
@@ -476,9 +477,15 @@ def cli_words(msg: str) -> str:
 
 
 def run(cfg: DemoConfig, args) -> list[dict] | None:
+    """The whole run; the run folder stays locked from before its first write to the end (_run)."""
+    with contextlib.ExitStack() as held:
+        return _run(cfg, args, held)
+
+
+def _run(cfg: DemoConfig, args, held: contextlib.ExitStack) -> list[dict] | None:
     from dataset import load_texts
     from dictionary_learning import distributed
-    from dictionary_learning.training import layer_dir, trainSAE
+    from dictionary_learning.training import hold_run_folder, layer_dir, trainSAE
     from dictionary_learning.utils import default_device, load_language_model, write_json
 
     cfg.device = cfg.device or default_device()
@@ -497,6 +504,9 @@ def run(cfg: DemoConfig, args) -> list[dict] | None:
         )
     check_splits(cfg, train_texts, need_train=not args.from_cache)
     train_texts = distributed.shard(train_texts)  # texts i with i % world_size == rank
+    # from here to the end of run() the run folder (cache, trainers, summaries) is this run's: a
+    # process using it already makes this one stop now, before anything in it is written
+    held.enter_context(hold_run_folder(out_dir))
     model = None
     if not args.from_cache:
         model = load_language_model(cfg.model, device=cfg.device, dtype=cfg.dtype)

@@ -32,10 +32,9 @@ import torch
 from safetensors.torch import save_file
 
 from .dictionary import JumpReluAutoEncoder
-from .eval_summary import plot_density, plot_frontiers, plot_training_curves, write_summary
+from .eval_summary import find_saes, plot_density, plot_frontiers, plot_training_curves, write_summary
 from .evaluation import EvalConfig, evaluate_many
 from .metrics import log_feature_density
-from .runs import find_saes
 from .utils import atomic_path, git_commit, package_versions, read_json, read_jsonl, write_json
 
 log = logging.getLogger(__name__)

@@ -1,12 +1,18 @@
-"""The evaluation's reports across SAEs: the sweep summary (eval_summary.csv and .md), the frontier
-plots, the training curves and each SAE's firing-density histogram (eval_report.py writes them)."""
+"""The evaluation's reports across SAEs: the SAEs of a run folder (find_saes), the sweep summary
+(eval_summary.csv and .md), the frontier plots, the training curves and each SAE's firing-density
+histogram (eval_report.py writes them)."""
 
 from __future__ import annotations
 
 import csv
+import logging
+import os
 from pathlib import Path
 
-from .utils import atomic_path
+from .runs import FAILED_FILE, SAE_FILES, STATUS_FILE
+from .utils import atomic_path, read_json
+
+log = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = (
     "trainer",
@@ -39,6 +45,39 @@ COLUMN_TITLES = {
     "frac_alive": "frac_alive (over n_tokens)",
 }
 CURVE_KEYS = ("loss", "mse", "l0", "fve", "val_fve", "dead", "lr")
+
+
+def find_saes(run_dir: str | os.PathLike, finished: bool = False) -> list[Path]:
+    """SAE locations at or under run_dir, sorted: folders with sae_weights.safetensors plus config.json
+    or cfg.json (checkpoints/ skipped), or run_dir itself when it is a params.npz file. finished: only
+    trainer folders whose run is done (not failed, not unfinished), each with all of SAE_FILES."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file() and run_dir.suffix == ".npz" and not finished:
+        return [run_dir]
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such folder" + ("" if finished else " (or .npz file)"))
+    found = []
+    for w in sorted(run_dir.rglob(SAE_FILES[0])):
+        d = w.parent
+        if "checkpoints" in d.relative_to(run_dir).parts:
+            continue
+        if not finished:
+            if (d / "config.json").exists() or (d / "cfg.json").exists():
+                found.append(d)
+            continue
+        status = read_json(d / STATUS_FILE).get("status") if (d / STATUS_FILE).exists() else "done"
+        if (d / FAILED_FILE).exists() or status != "done":
+            log.warning("%s: skipped (status %s)", d, "failed" if (d / FAILED_FILE).exists() else status)
+            continue
+        missing = [f for f in SAE_FILES if not (d / f).exists()]
+        if missing:
+            raise FileNotFoundError(f"{d}: incomplete SAE folder, missing {missing}")
+        found.append(d)
+    if not found:
+        what = "finished trainer folder" if finished else "SAE found (no folder"
+        raise FileNotFoundError(f"{run_dir}: no {what} with sae_weights.safetensors + config.json"
+                                + ("" if finished else ")"))  # fmt: skip
+    return sorted(found)
 
 
 def _plt():

@@ -22,7 +22,8 @@ import re
 import sys
 from pathlib import Path
 
-from .runs import SAE_FILES, find_saes
+from .eval_summary import find_saes
+from .runs import SAE_FILES
 from .utils import EMBEDDED_ALIASES, read_json
 
 log = logging.getLogger(__name__)

@@ -7,9 +7,10 @@ RunFolder is one trainer's folder `{save_dir}/{model}/{site}_layer{L}/{trainer.n
   checkpoints/step_XXXXXXXX/                       SAE-only snapshots on a log-spaced schedule
   checkpoints/latest/                              full state for exact resume (checkpoint.py)
   .lock                                            held (flock) by the process training into it
-It owns the lock, the log, checkpoints, status, the NaN handling (a non-finite loss fails that trainer
-alone, keeping its last good checkpoint), wandb and the final save. Sweep holds the RunFolders of one
-sweep and what they share: the data stream, the stop signals, the progress bar and, under torchrun,
+It owns the lock, the log, checkpoints, status (step and tokens updated at each checkpoint), the NaN
+handling (a non-finite loss fails that trainer alone, for good: FAILED.json, its last good checkpoint
+kept), wandb and the final save. Any other error (a full disk: NoSpaceError) marks the run failed in
+status.json, resumable from its checkpoint. Sweep holds the RunFolders of one sweep and what they share: the data stream, the stop signals, the progress bar and, under torchrun,
 the collectives (distributed.Context).
 """
 
@@ -27,9 +28,27 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .checkpoint import DataStream, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    DataStream,
+    read_checkpoint,
+    remove_stale_temporaries,
+    rng_state,
+    save_checkpoint,
+    save_final,
+    set_rng_state,
+    truncate_log,
+)
 from .trainer import estimate_norm_factor
-from .utils import LOCK_FILE, DataExhausted, atomic_path, lock_folder, read_json, write_dir_atomic, write_json
+from .utils import (
+    LOCK_FILE,
+    DataExhausted,
+    NoSpaceError,
+    disk_full,
+    lock_folder,
+    read_json,
+    write_dir_atomic,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,39 +60,6 @@ AVERAGED = ("loss", "mse", "sparsity_loss", "pre_act_loss", "l0", "frac_variance
 LOG_KEYS = {"frac_variance_explained": "fve", "frac_variance_explained_centred": "fve_centred",
             "dead_latents": "dead"}  # update() key -> log key  # fmt: skip
 SAE_FILES = ("sae_weights.safetensors", "config.json", "cfg.json")
-
-
-def find_saes(run_dir: str | os.PathLike, finished: bool = False) -> list[Path]:
-    """SAE locations at or under run_dir, sorted: folders with sae_weights.safetensors plus config.json
-    or cfg.json (checkpoints/ skipped), or run_dir itself when it is a params.npz file. finished: only
-    trainer folders whose run is done (not failed, not unfinished), each with all of SAE_FILES."""
-    run_dir = Path(run_dir)
-    if run_dir.is_file() and run_dir.suffix == ".npz" and not finished:
-        return [run_dir]
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: no such folder" + ("" if finished else " (or .npz file)"))
-    found = []
-    for w in sorted(run_dir.rglob(SAE_FILES[0])):
-        d = w.parent
-        if "checkpoints" in d.relative_to(run_dir).parts:
-            continue
-        if not finished:
-            if (d / "config.json").exists() or (d / "cfg.json").exists():
-                found.append(d)
-            continue
-        status = read_json(d / STATUS_FILE).get("status") if (d / STATUS_FILE).exists() else "done"
-        if (d / FAILED_FILE).exists() or status != "done":
-            log.warning("%s: skipped (status %s)", d, "failed" if (d / FAILED_FILE).exists() else status)
-            continue
-        missing = [f for f in SAE_FILES if not (d / f).exists()]
-        if missing:
-            raise FileNotFoundError(f"{d}: incomplete SAE folder, missing {missing}")
-        found.append(d)
-    if not found:
-        what = "finished trainer folder" if finished else "SAE found (no folder"
-        raise FileNotFoundError(f"{run_dir}: no {what} with sae_weights.safetensors + config.json"
-                                + ("" if finished else ")"))  # fmt: skip
-    return sorted(found)
 
 
 class RunFolder:
@@ -88,6 +74,7 @@ class RunFolder:
         self.cfg: dict = {}  # config.json contents
         self.ckpt_step: int | None = None  # step of checkpoints/latest
         self.wandb, self.wandb_id, self._lock = None, None, None
+        self.began = False  # status "running" written by this process
 
     def status(self) -> dict:
         f = self.dir / STATUS_FILE
@@ -102,7 +89,9 @@ class RunFolder:
             self._lock = None
 
     def open(self, resume: bool, overwrite: bool) -> tuple | None:
-        """Refuse, clear or resume the (locked) folder; its checkpoint when resuming from one."""
+        """Refuse, clear or resume the (locked) folder; its checkpoint when resuming from one. Temporaries
+        left by a killed process go first; a run failed by a non-finite loss (FAILED.json) is final."""
+        remove_stale_temporaries(self.dir)
         contents = [p for p in self.dir.iterdir() if p.name != LOCK_FILE]
         status = self.status().get("status")
         if contents and overwrite:
@@ -113,7 +102,7 @@ class RunFolder:
             raise FileExistsError(
                 f"{self.dir}: holds {what}; pass resume=True to continue it or overwrite=True"
             )
-        if resume and status in ("done", "failed"):
+        if resume and (status == "done" or (self.dir / FAILED_FILE).exists()):
             log.info("%s: already %s, skipped", self.dir, status)
             self.active = False
             self.unlock()
@@ -136,9 +125,10 @@ class RunFolder:
         if not self.writes:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        _truncate_log(self.dir / LOG_FILE, self.start)
+        truncate_log(self.dir / LOG_FILE, self.start)
         write_json(self.dir / "config.json", cfg)
         write_json(self.dir / STATUS_FILE, {"status": "running", "step": self.start})
+        self.began = True
         if wandb_kw is not None:  # one run per trainer, from this process; offline with WANDB_MODE=offline
             import wandb
 
@@ -202,20 +192,26 @@ class RunFolder:
         )
 
     def checkpoint(self, step: int, tokens: int, data_state: dict, rng: dict) -> None:
-        self.ckpt_step = step
         loop = dict(step=step, tokens=tokens, norm_factor=self.cfg["norm_factor"], acc=self.acc, last=self.last,
                     rng=rng, wandb_id=self.wandb_id, trainer_config=self.trainer.cfg.to_dict())  # fmt: skip
         save_checkpoint(self.dir / "checkpoints" / "latest", self.trainer, loop, data_state)
+        self.ckpt_step = step
+        write_json(self.dir / STATUS_FILE, {**self.last, "status": "running", "step": step, "tokens": tokens})
 
     def finish(self, step: int, tokens: int, extra: dict) -> None:
-        """The final SAE, written beside and moved in; status 'done' last."""
-        tmp = self.dir / f".final.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.trainer.save(tmp, extra_cfg={**self.cfg, "tokens": tokens, **extra})
-        for f in tmp.iterdir():
-            os.replace(f, self.dir / f.name)
-        tmp.rmdir()
+        """The final SAE (checkpoint.save_final); status 'done' last."""
+        save_final(self.dir, self.trainer, {**self.cfg, "tokens": tokens, **extra})
         write_json(self.dir / STATUS_FILE, {**self.last, "status": "done", "step": step, "tokens": tokens})
+
+    def failed_by(self, error: Exception, step: int) -> None:
+        """An error stopped the run this process began: status "failed", its reason (one line)."""
+        if self.began and self.writes and self.status().get("status") == "running":
+            why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            try:
+                write_json(self.dir / STATUS_FILE, {"status": "failed", "step": max(step, self.start),
+                                                    "reason": why, "last_checkpoint_step": self.ckpt_step})  # fmt: skip
+            except OSError as e:  # the disk may still be full
+                log.warning("%s: cannot mark the run failed (%s)", self.dir, e)
 
     def close(self, exit_code: int | None = None) -> None:
         self.unlock()
@@ -225,29 +221,16 @@ class RunFolder:
             self.wandb = None
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past `step` (written after the checkpoint we resume from)."""
-    if not path.exists():
-        return
-    keep = []
-    for ln in path.read_text().splitlines():
-        try:
-            if json.loads(ln)["step"] <= step:
-                keep.append(ln)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut by a kill: always written after the checkpoint
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-
-
 class Sweep:
     """The RunFolders of one sweep, trained on the same batches, and what they share. A context manager:
     SIGINT/SIGTERM finish the step, save a checkpoint and exit 128+signum (a second signal acts at once);
-    on exit the folders are unlocked, the handlers restored, wandb runs finished."""
+    on exit the folders are unlocked, the handlers restored, wandb runs finished, and on an error the
+    running trainers marked failed (a full disk: NoSpaceError, naming a folder)."""
 
     def __init__(self, runs: list[RunFolder], ctx, base: Path, steps: int, progress: bool = True):
         self.runs, self.ctx, self.base, self.steps, self.progress = runs, ctx, base, steps, progress
         self.signal, self.exhausted, self.bar, self._prev = None, None, None, {}
+        self.step = 0  # steps completed
 
     def __enter__(self) -> Sweep:
         if threading.current_thread() is threading.main_thread():
@@ -259,14 +242,21 @@ class Sweep:
         signal.signal(signum, self._prev[signum])
         log.warning("%s received: saving a checkpoint, then exiting", signal.Signals(signum).name)
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        error = exc if isinstance(exc, Exception) else None
+        if error is not None and disk_full(error) and not isinstance(error, NoSpaceError):
+            error = NoSpaceError(self.base)  # an OSError that names no file (the log, wandb)
         for r in self.runs:
+            if error is not None:
+                r.failed_by(error, self.step)
             r.close()
         for s, h in self._prev.items():
             if signal.getsignal(s) == self._on_signal:
                 signal.signal(s, h)
         if self.bar is not None:
             self.bar.close()
+        if error is not None and error is not exc:
+            raise error from exc
 
     def active(self, step: int | None = None) -> list[RunFolder]:
         """The trainers still training (at `step`: a trainer resumed from a later checkpoint waits)."""
@@ -354,6 +344,7 @@ class Sweep:
             dev = str(r.trainer.device)
             on_device.setdefault(dev, x.to(r.trainer.device))
             r.update(step, on_device[dev])
+        self.step = step + 1
         if not self.ctx.any(bool(self.active())):
             raise RuntimeError(
                 f"every trainer failed (non-finite loss) by step {step + 1}; see FAILED.json in {self.base}"

@@ -15,6 +15,7 @@ trainers on the all-gathered batch); checkpoints then hold every rank's stream s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,7 +28,7 @@ from . import distributed
 from .config import TrainerConfig
 from .runs import RunFolder, Sweep
 from .trainer import JumpReluTrainer
-from .utils import git_commit, package_versions
+from .utils import git_commit, lock_folder, package_versions
 
 
 def sanitize(name: str) -> str:
@@ -44,6 +45,36 @@ def layer_dir(save_dir: str | os.PathLike, run_meta: dict) -> Path:
     if not site:
         raise ValueError("run_meta: missing field 'site' (or 'hook')")
     return Path(save_dir) / sanitize(run_meta["model"]) / f"{sanitize(site)}_layer{int(run_meta['layer'])}"
+
+
+_HELD: dict[Path, list] = {}  # layer folder -> [lock file or None, nested holds] of this process
+
+
+@contextlib.contextmanager
+def hold_run_folder(base: Path, shared: bool = False):
+    """The lock on a run's layer folder `base` (utils.lock_folder: flock on base/.lock) for a `with`
+    block. demo.run holds it exclusively from before its first write (the activation cache) to its end
+    (evaluation, feature browser, push); trainSAE holds it shared: sweeps of other trainers may train
+    into one layer folder at once (each trainer folder has its own exclusive lock), a demo.py run may
+    not. Re-entrant within this process: a nested hold (trainSAE inside demo.run) is granted at once,
+    and the lock is dropped when the outermost hold ends. Under torchrun rank 0 holds it; a refusal
+    there (FolderLockedError) stops every rank."""
+    ctx, key = distributed.context(), Path(base).absolute()
+
+    def take():
+        if ctx.is_main:
+            if key not in _HELD:
+                _HELD[key] = [lock_folder(key, "run folder", shared), 0]
+            _HELD[key][1] += 1
+
+    ctx.agree(take)
+    try:
+        yield
+    finally:
+        if ctx.is_main:
+            _HELD[key][1] -= 1
+            if _HELD[key][1] == 0 and (fh := _HELD.pop(key)[0]) is not None:
+                fh.close()
 
 
 def log_spaced_steps(steps: int, first: int = 64) -> list[int]:
@@ -124,7 +155,9 @@ def trainSAE(
     trainer's L0, both FVEs and MSE on them go into the next log line (val_l0, val_fve, val_fve_centred,
     val_mse). Returns the folders of the trainers that finished (failed ones hold FAILED.json). Raises
     DataExhausted if the data runs out first, SystemExit(130/143) on SIGINT/SIGTERM (both after saving
-    a checkpoint)."""
+    a checkpoint), FolderLockedError if another process uses a folder (the layer folder is held shared,
+    hold_run_folder, each trainer folder exclusively), NoSpaceError (an OSError naming the file) when
+    the disk fills; an error marks the running trainers failed in status.json."""
     if min(steps, log_every, checkpoint_every) <= 0:
         raise ValueError(f"steps, log_every, checkpoint_every must be > 0, got {steps}, {log_every}, {checkpoint_every}")  # fmt: skip
     if resume and overwrite:
@@ -142,7 +175,7 @@ def trainSAE(
     wandb_kw = dict(project=wandb_project, entity=wandb_entity, group=f"{base.parent.name}/{base.name}")
     snaps = set(log_spaced_steps(steps) if snapshot_steps is None else snapshot_steps)
     hist_every, eval_every = hist_every or 10 * log_every, eval_every or log_every
-    with Sweep(runs, ctx, base, steps, progress) as sweep:
+    with hold_run_folder(base, shared=True), Sweep(runs, ctx, base, steps, progress) as sweep:
         stream, step, tokens = sweep.open(data, resume, overwrite)  # locked; refused, cleared or resumed
         if not ctx.any(bool(sweep.active())):
             return sorted(sweep.finished(), key=lambda p: names.index(Path(p).name))

@@ -8,6 +8,7 @@ that once as plain safetensors in a cache folder so every later load is fast and
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import json
 import logging
@@ -51,9 +52,31 @@ def atomic_path(path: str | os.PathLike):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        if disk_full(e):
+            raise NoSpaceError(path) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class NoSpaceError(OSError):
+    """The disk filled up (ENOSPC) while writing `filename`; str() is one line naming it."""
+
+    def __init__(self, path):
+        super().__init__(errno.ENOSPC, "no space left on device", str(path))
+
+    def __str__(self) -> str:
+        return f"no space left on device: {self.filename}"
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` says the disk is full: OSError ENOSPC, or safetensors' SafetensorError, which carries
+    it only in its text ("I/O error: No space left on device (os error 28)")."""
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    return "No space left on device" in str(e) or f"os error {errno.ENOSPC})" in str(e)
 
 
 def fsync_path(path: Path) -> None:
@@ -68,17 +91,20 @@ def write_dir_atomic(final: Path, write) -> None:
     """Call write(tmp) on a fresh `final.tmp-<pid>` folder, fsync it, then swap it in by renames:
     final -> final.old, tmp -> final, remove final.old. A kill at any moment leaves `final` or
     `final.old` complete (checkpoint.read_checkpoint falls back to `.old`). If write or the fsync
-    raises (a bug, a full disk), the temporary folder is removed and `final` left as it was."""
+    raises (a bug, a full disk: NoSpaceError naming `final`), the temporary folder is removed and
+    `final` left as it was."""
     final = Path(final)
     tmp, old = final.with_name(f"{final.name}.tmp-{os.getpid()}"), final.with_name(f"{final.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         write(tmp)
         for p in [*tmp.rglob("*"), tmp]:
             fsync_path(p)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e):
+            raise NoSpaceError(final) from e
         raise
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)  # final exists, so any .old is stale
@@ -110,12 +136,12 @@ class FolderLockedError(RuntimeError):
 LOCK_FILE = ".lock"
 
 
-def lock_folder(folder: Path, what: str = "folder"):
-    """Exclusive advisory lock on `folder` (created if missing): fcntl.flock on its LOCK_FILE, held while
-    the returned file is open and dropped by the OS when the process ends, even when killed. Whoever
-    clears the folder keeps LOCK_FILE. FolderLockedError if another process holds the lock; None (no
-    lock, with a warning) where locking is unsupported: no fcntl (Windows), or a file system without
-    flock (some Lustre, NFS and FUSE mounts)."""
+def lock_folder(folder: Path, what: str = "folder", shared: bool = False):
+    """Exclusive (shared: with other shared holders only) advisory lock on `folder` (created if missing):
+    fcntl.flock on its LOCK_FILE, held while the returned file is open and dropped by the OS when the
+    process ends, even when killed. Whoever clears the folder keeps LOCK_FILE. FolderLockedError if
+    another process holds the lock; None (no lock, with a warning) where locking is unsupported: no
+    fcntl (Windows), or a file system without flock (some Lustre, NFS and FUSE mounts)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -124,7 +150,7 @@ def lock_folder(folder: Path, what: str = "folder"):
         return None
     fh = open(folder / LOCK_FILE, "a")  # noqa: SIM115 - closed by the caller (or on garbage collection)
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         fh.close()
         raise FolderLockedError(

@@ -35,3 +35,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def lock_holder():
+    """hold(folder, shared=False): another process takes flock on folder/.lock (as lock_folder does),
+    exclusive or shared, and keeps it until the test ends."""
+    import subprocess
+    import sys
+
+    procs = []
+    code = ("import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+            "fcntl.flock(f, fcntl.LOCK_SH if sys.argv[2] == 'shared' else fcntl.LOCK_EX); "
+            "print('held', flush=True); time.sleep(600)")  # fmt: skip
+
+    def hold(folder: Path, shared: bool = False):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, "-c", code, str(Path(folder) / ".lock"), "shared" if shared else "exclusive"]
+        procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, text=True))
+        assert procs[-1].stdout.readline().strip() == "held"
+        return procs[-1]
+
+    yield hold
+    for p in procs:
+        p.kill()
+        p.wait()
+        p.stdout.close()

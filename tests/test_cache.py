@@ -1,6 +1,7 @@
 """On-disk activation cache: bit-exact round trip, shuffling, resume, bad shards, Hub push (mocked)."""
 
 import base64
+import errno
 import json
 import logging
 
@@ -199,6 +200,34 @@ def test_harvest_progress_bar_and_planned_end_of_data(tmp_path, capsys, caplog):
     assert m["exhausted"] and m["n_tokens"] == 26
     (rec,) = [r for r in caplog.records if "26 of 1000" in r.getMessage()]
     assert rec.levelno == logging.INFO and "re-read" in rec.getMessage()
+
+
+@pytest.mark.parametrize("kind", ["SafetensorError", "OSError"])
+def test_disk_full_while_writing_a_shard_names_it_in_one_line(tmp_path, monkeypatch, kind):
+    """Issue 16, defect 12: a full disk while writing shard 1 raises "no space left on device: PATH"
+    (an OSError; was a SafetensorError traceback), and leaves shard 0 alone: no temporary, no manifest."""
+    from safetensors import SafetensorError
+
+    real = cache_mod.save_file
+
+    def full_disk(tensors, path, *a, **k):
+        if ".shard_00001." in str(path):  # atomic_path's temporary beside shard_00001.safetensors
+            with open(path, "wb") as f:  # a partial file, as a real full disk leaves
+                f.write(b"\0" * 100)
+            if kind == "SafetensorError":  # safetensors' error as it reads on a full disk
+                raise SafetensorError(
+                    "Error while serializing: I/O error: No space left on device (os error 28)"
+                )
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(cache_mod, "save_file", full_disk)
+    out = tmp_path / "cache"
+    with pytest.raises(OSError) as err:
+        write_cache(batches(), out, n_tokens=91, shard_rows=32)
+    assert str(err.value) == f"no space left on device: {out / 'shard_00001.safetensors'}"
+    assert err.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in out.iterdir()) == ["shard_00000.safetensors"]
 
 
 def test_write_cache_guards(tmp_path, caplog):

@@ -4,9 +4,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "dictionary_learning" / "demo.py"
@@ -324,3 +327,115 @@ def test_small_run_end_to_end_with_a_harvest_progress_bar(tmp_path, capsys):
     (folder,) = (tmp_path / "smollm2-135m" / "resid_post_layer3").glob("jumprelu_*")
     assert json.loads((folder / "config.json").read_text())["schedule"]["norm_batches"] == 16
     assert json.loads((folder / "eval_results.json").read_text())["l0"] > 0
+
+
+def test_a_run_folder_in_use_is_refused_before_its_cache_is_touched(demo_main, tmp_path, lock_holder):
+    """Issue 16, defect 1: while another process uses the run folder (holds its lock), demo.py
+    --overwrite with other harvest settings is refused in one line naming the folder, before it loads a
+    model or touches anything (it used to delete activation_cache/ first)."""
+    from dictionary_learning import demo
+    from dictionary_learning.cache import write_cache
+
+    argv = ["--tokens", "4096", "--save-dir", str(tmp_path)]
+    layer = Path(demo.plan(demo.build_config(demo.parse_args(argv)))["output_folder"])
+    write_cache([torch.ones(64, 576)], layer / "activation_cache", 64, meta={"harvest_key": {"other": 1}})
+    before = {p.name: p.read_bytes() for p in (layer / "activation_cache").iterdir()}
+    lock_holder(layer)  # the other run
+    rc, lines = demo_main(*argv, "--overwrite")
+    assert rc == 2 and lines == [
+        f"demo.py: error: {layer}: another process is using this run folder; wait for it or stop it"
+    ]
+    assert {p.name: p.read_bytes() for p in (layer / "activation_cache").iterdir()} == before
+    assert sorted(p.name for p in layer.iterdir()) == [".lock", "activation_cache"]
+
+
+def test_disk_full_in_a_checkpoint_is_one_line_and_marks_the_run_failed(demo_main, tmp_path, monkeypatch):
+    """Issue 16, defect 12: demo.py reports a full disk as "no space left on device: PATH" in one line
+    (exit 2; was a SafetensorError traceback), and status.json says failed (was "running")."""
+    from safetensors import SafetensorError
+
+    from dictionary_learning import checkpoint
+
+    def full_disk(tensors, path, *a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    argv = ["--from-cache", str(tmp_path / "cache"), "--tokens", "8192", "--batch-size", "512",
+            *FROM_CACHE, "--save-dir", str(tmp_path / "runs")]  # fmt: skip
+    folder = _cache_and_trainer_dir(tmp_path, 8192, argv)
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    rc, lines = demo_main(*argv)
+    latest = folder / "checkpoints" / "latest"
+    assert rc == 2 and lines == [f"demo.py: error: no space left on device: {latest}"]
+    status = json.loads((folder / "status.json").read_text())
+    assert status["status"] == "failed" and status["reason"] == f"no space left on device: {latest}"
+    assert not list(folder.rglob("*.tmp-*"))
+
+
+# the first run waits (before its second batch from the cache) until the file `go` appears in its gate
+GATED_RUN = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from dictionary_learning import cache, demo
+gate, read = Path(sys.argv[2]), cache.ActivationCache.__next__
+def gated(self):
+    if self.batches_yielded == 1:
+        (gate / "training").touch()
+        while not (gate / "go").exists():
+            time.sleep(0.05)
+    return read(self)
+cache.ActivationCache.__next__ = gated
+raise SystemExit(demo.main(sys.argv[3:]))
+"""
+TINY = ["--layer", "1", "--ctx-len", "32", "--batch-size", "256", "--widths", "64", "--target-l0s", "8",
+        "--eval-tokens", "256", "--set", "buffer_tokens=1024", "--set", "warmup_steps=2", "--set",
+        "sparsity_warmup_steps=4", "--no-features", "--quiet"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_second_run_is_refused_while_the_first_trains_from_its_cache(tmp_path):
+    """Issue 16, defect 1 ("Done when"): a demo.py run harvests its cache and trains from it; while it
+    trains, a second demo.py --overwrite into the same folder (other settings: it would re-harvest) is
+    refused in one line, exit 2, naming the folder and "another process", and changes nothing; the
+    first finishes with weights bitwise equal to an undisturbed run's."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1")
+
+    def start(name, go):
+        gate = tmp_path / f"{name}_gate"
+        gate.mkdir()
+        if go:
+            (gate / "go").touch()
+        argv = [*TINY, "--tokens", "2048", "--save-dir", str(tmp_path / name)]
+        cmd = [sys.executable, "-c", GATED_RUN, str(REPO), str(gate), *argv]
+        return gate, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    _, ref = start("undisturbed", go=True)
+    gate, first = start("run", go=False)
+    layer = tmp_path / "run" / "smollm2-135m" / "resid_post_layer1"
+    try:
+        t0 = time.time()
+        while not (gate / "training").exists():
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.time() - t0 < 300, "the first run did not start training"
+            time.sleep(0.1)
+        cache_before = {p.name: p.read_bytes() for p in (layer / "activation_cache").iterdir()}
+        second = run_demo(*TINY, "--tokens", "4096", "--save-dir", str(tmp_path / "run"), "--overwrite",
+                          timeout=300)  # fmt: skip
+        assert first.poll() is None  # still waiting at its gate: the second ran while it trained
+    finally:
+        (gate / "go").touch()
+    out = {name: p.communicate(timeout=300) for name, p in (("first", first), ("ref", ref))}
+    assert first.returncode == 0, out["first"][1][-3000:]
+    assert ref.returncode == 0, out["ref"][1][-3000:]
+    lines = [ln for ln in second.stderr.splitlines() if ln.startswith("demo.py: error")]
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    assert lines == [
+        f"demo.py: error: {layer}: another process is using this run folder; wait for it or stop it"
+    ]
+    assert {p.name: p.read_bytes() for p in (layer / "activation_cache").iterdir()} == cache_before
+    name = "jumprelu_w64_tl0-8_lr0.001_s0"
+    got = load_file(layer / name / "sae_weights.safetensors")
+    want = load_file(
+        tmp_path / "undisturbed" / "smollm2-135m" / "resid_post_layer1" / name / "sae_weights.safetensors"
+    )
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

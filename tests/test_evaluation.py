@@ -624,7 +624,7 @@ def assert_png(path):
 
 
 def test_find_saes_skips_checkpoints_and_needs_a_config(tmp_path):
-    from dictionary_learning.runs import find_saes
+    from dictionary_learning.eval_summary import find_saes
 
     sae = random_sae()
     for sub in ("a", "b", "a/checkpoints/step_00000064"):

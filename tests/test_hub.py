@@ -14,8 +14,8 @@ import torch
 from huggingface_hub.utils._http import default_client_factory
 
 from dictionary_learning.config import TrainerConfig
+from dictionary_learning.eval_summary import find_saes
 from dictionary_learning.hub import HubPushError, check_push, main, push_to_hub
-from dictionary_learning.runs import find_saes
 from dictionary_learning.training import layer_dir, trainSAE
 
 REPO = "someone/tiny-saes"

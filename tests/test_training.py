@@ -7,9 +7,11 @@ start: `python tests/test_training.py SAVE_DIR [--resume] [--sleep S]`.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -571,6 +573,149 @@ def test_folder_names_and_snapshot_schedule():
         layer_dir("runs", {"model": "m", "site": "resid_post"})
     assert log_spaced_steps(1000) == [64, 128, 256, 512]
     assert log_spaced_steps(10, first=1) == [1, 2, 4, 8]
+
+
+# ---------------------------------------------------------------------------- issue 16: locks, disk full, status
+
+
+def _lockable_by_another_process(folder: Path) -> bool:
+    """Whether another process could take a shared flock on folder/.lock now."""
+    code = "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'a'), fcntl.LOCK_SH | fcntl.LOCK_NB)"
+    return (
+        subprocess.run([sys.executable, "-c", code, str(folder / ".lock")], capture_output=True).returncode
+        == 0
+    )
+
+
+def test_layer_folder_lock_is_shared_by_sweeps_and_exclusive_for_a_demo_run(tmp_path, lock_holder):
+    """Issue 16, defect 1: trainSAE holds the layer folder shared (sweeps of other trainers may train
+    into it at once, each trainer folder locked alone); demo.run holds it exclusively, so neither
+    starts while the other runs, and a refused trainSAE creates nothing. Within one process the hold
+    is re-entrant, and dropped only when the outermost hold ends."""
+    from dictionary_learning.training import hold_run_folder
+
+    base, kw = layer_dir(tmp_path / "a", META), dict(log_every=5, norm_batches=4, progress=False)
+    lock_holder(base)  # another process holds it exclusively, as demo.run does
+    with pytest.raises(
+        FolderLockedError, match=re.escape(f"{base}: another process is using this run folder")
+    ):
+        trainSAE(Synthetic(), configs(1), 10, tmp_path / "a", META, **kw)
+    assert [p.name for p in base.iterdir()] == [".lock"]
+
+    base = layer_dir(tmp_path / "b", META)
+    lock_holder(base, shared=True)  # another sweep trains into this layer folder
+    assert len(trainSAE(Synthetic(), configs(1), 10, tmp_path / "b", META, **kw)) == 1
+    with pytest.raises(FolderLockedError, match=re.escape(f"{base}: another process")):
+        with hold_run_folder(base):  # a demo.py run is refused
+            pass
+
+    base = layer_dir(tmp_path / "c", META)
+    with hold_run_folder(base):  # demo.run's hold, with trainSAE inside it
+        assert not _lockable_by_another_process(base)
+        assert len(trainSAE(Synthetic(), configs(1), 10, tmp_path / "c", META, **kw)) == 1
+        assert not _lockable_by_another_process(base)  # still held after trainSAE's own hold ended
+    assert _lockable_by_another_process(base)
+
+
+def _full_disk(real_save, fail_on, kind):
+    """A safetensors save_file that, on its `fail_on`-th call, leaves a partial file and fails as a full
+    disk does (kind: safetensors' error as it really reads, or a plain OSError ENOSPC)."""
+    from safetensors import SafetensorError
+
+    calls = []
+
+    def save(tensors, path, *a, **k):
+        calls.append(path)
+        if len(calls) == fail_on:
+            Path(path).write_bytes(b"\0" * 100)
+            if kind == "SafetensorError":
+                raise SafetensorError(
+                    "Error while serializing: I/O error: No space left on device (os error 28)"
+                )
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, *a, **k)
+
+    return save
+
+
+@pytest.mark.parametrize("kind", ["SafetensorError", "OSError"])
+def test_disk_full_in_a_checkpoint_fails_the_run_in_one_line_and_resume_is_exact(tmp_path, monkeypatch, kind):
+    """Issue 16, defect 12: a full disk while writing the checkpoint at step 8 raises one line naming it
+    ("no space left on device: PATH", an OSError; was a SafetensorError traceback), marks the run failed
+    in status.json (was "running"), leaves no latest.tmp-PID folder and keeps the step-4 checkpoint; once
+    there is space, --resume finishes the run bit for bit as an undisturbed one."""
+    from dictionary_learning import checkpoint
+
+    (ref,) = trainSAE(Synthetic(), configs(1), 20, tmp_path / "ref", META, **CK_KW)
+    monkeypatch.setattr(
+        checkpoint, "save_file", _full_disk(checkpoint.save_file, 2, kind)
+    )  # checkpoints 4, 8
+    with pytest.raises(OSError) as err:
+        trainSAE(Synthetic(), configs(1), 20, tmp_path / "b", META, **CK_KW)
+    (d,) = trainer_dirs(tmp_path / "b")
+    latest = d / "checkpoints" / "latest"
+    assert str(err.value) == f"no space left on device: {latest}" and err.value.errno == errno.ENOSPC
+    status = json.loads((d / "status.json").read_text())
+    assert status == {"status": "failed", "step": 8, "reason": str(err.value), "last_checkpoint_step": 4}
+    assert [p.name for p in d.rglob("*tmp*")] == []
+    assert read_checkpoint(latest)[2]["step"] == 4
+    monkeypatch.undo()
+    (out,) = trainSAE(Synthetic(), configs(1), 20, tmp_path / "b", META, resume=True, **CK_KW)
+    assert_same_run(ref, out)
+
+
+def test_disk_full_in_the_final_save_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """Issue 16, defect 12: the final SAE is written into .final.tmp-PID; a full disk there names the
+    weights file, removes the temporary folder and marks the run failed."""
+    from dictionary_learning import dictionary
+
+    monkeypatch.setattr(dictionary, "save_file", _full_disk(dictionary.save_file, 1, "SafetensorError"))
+    with pytest.raises(OSError, match="no space left on device: .*sae_weights.safetensors"):
+        trainSAE(Synthetic(), configs(1), 8, tmp_path, META, **CK_KW)
+    (d,) = trainer_dirs(tmp_path)
+    assert [p.name for p in d.rglob("*tmp*")] == []
+    assert json.loads((d / "status.json").read_text())["status"] == "failed"
+
+
+def test_status_shows_the_step_and_tokens_of_each_checkpoint(tmp_path):
+    """Issue 16, Also: status.json is updated at each checkpoint (it showed step 0 for the whole run)."""
+    status = layer_dir(tmp_path, META) / configs(1)[0].name / "status.json"
+    seen = {}
+
+    class Watched(Synthetic):
+        def __next__(self):  # what status.json says when batch i is drawn
+            seen[self.i] = json.loads(status.read_text()) if status.exists() else None
+            return super().__next__()
+
+    trainSAE(Watched(), configs(1), 20, tmp_path, META, **CK_KW)  # checkpoints after steps 4, 8, 12, 16
+    # batches 0-3 are drawn for the norm estimate; batch i >= 4 is drawn once i steps are done
+    for i in range(4, 20):
+        step = 4 * (i // 4)
+        assert seen[i]["status"] == "running" and (seen[i]["step"], seen[i]["tokens"]) == (step, step * B), i
+
+
+def test_resume_removes_the_temporaries_a_killed_run_left(tmp_path):
+    """Issue 16, Also: .final.tmp-PID, latest.tmp-PID and step_*.tmp-PID of a dead process are removed
+    by the next run into the folder (holding its lock); those of a live process are left."""
+    ck = _stopped_at_12(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # fmt: skip
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        stale = [
+            ck.parent / f".final.tmp-{dead}",
+            ck / f"latest.tmp-{dead}",
+            ck / f"step_00000016.tmp-{dead}",
+        ]
+        for p in [*stale, ck / f"latest.tmp-{alive.pid}"]:
+            p.mkdir()
+            (p / "sae_weights.safetensors").write_bytes(b"partial")
+        (out,) = trainSAE(Synthetic(), configs(1), 20, tmp_path, META, resume=True, **CK_KW)
+        assert [p for p in stale if p.exists()] == []
+        assert (ck / f"latest.tmp-{alive.pid}" / "sae_weights.safetensors").exists()
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 if __name__ == "__main__":
