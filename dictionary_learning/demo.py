@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import itertools
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -32,28 +30,15 @@ from dictionary_learning.demo_config import (
     DEFAULT_PRESET,
     PRESETS,
     DemoConfig,
+    UsageError,
     get_preset,
     parse_value,
     problems,
 )
-from dictionary_learning.utils import read_json
+from dictionary_learning.demo_data import activations, validation_activations
+from dictionary_learning.demo_plan import plan, run_meta, sweep
 
 log = logging.getLogger("demo")
-
-# Depth and width of well-known models, so --plan works without downloading a config.
-KNOWN_MODELS = {
-    "smollm2-135m": (30, 576),
-    "google/gemma-2-2b": (26, 2304),
-    "google/gemma-2-9b": (42, 3584),
-    "EleutherAI/pythia-70m-deduped": (6, 512),
-    "EleutherAI/pythia-160m-deduped": (12, 768),
-    "gpt2": (12, 768),
-}
-
-
-class UsageError(Exception):
-    """Bad flags or settings: printed as one line, exit code 2."""
-
 
 # ---------------------------------------------------------------------------- command line
 
@@ -159,242 +144,7 @@ def build_config(args) -> DemoConfig:
     return cfg
 
 
-# ---------------------------------------------------------------------------- sweep and plan
-
-
-def model_shape(cfg: DemoConfig) -> tuple[int, int]:
-    """(n_layers, d_model) from the known table, else the local/Hub config."""
-    if cfg.model in KNOWN_MODELS:
-        return KNOWN_MODELS[cfg.model]
-    from transformers import AutoConfig
-
-    from dictionary_learning.utils import resolve_model
-
-    try:
-        path = resolve_model(cfg.model)
-    except FileNotFoundError as e:  # a local path that is not there (a Hub id is looked up below)
-        raise UsageError(f"--model {e}") from None
-    try:
-        c = AutoConfig.from_pretrained(path)
-    except OSError as e:
-        raise UsageError(f"--model {cfg.model!r}: config not found ({str(e).splitlines()[0]})") from None
-    c = getattr(c, "text_config", c)
-    return c.num_hidden_layers, c.hidden_size
-
-
-def sweep(cfg: DemoConfig, d_model: int, steps: int) -> list:
-    """One TrainerConfig per point of widths x sparsity x lrs x seeds."""
-    from dictionary_learning.config import TrainerConfig
-
-    if cfg.sparsity_mode == "target_l0":
-        sparsity = [
-            {"target_l0": t, "sparsity_coeff": c} for t in cfg.target_l0s for c in cfg.sparsity_coeffs
-        ]
-    else:
-        sparsity = [{"sparsity_coeff": c} for c in cfg.sparsity_coeffs]
-    return [
-        TrainerConfig(
-            activation_dim=d_model,
-            dict_size=w,
-            lr=lr,
-            seed=seed,
-            steps=steps,
-            sparsity_mode=cfg.sparsity_mode,
-            pre_act_loss_coeff=cfg.pre_act_loss_coeff,
-            bandwidth=cfg.bandwidth,
-            threshold_init=cfg.threshold_init,
-            warmup_steps=cfg.warmup_steps,
-            sparsity_warmup_steps=cfg.sparsity_warmup_steps,
-            decay_start=cfg.decay_start,
-            device=cfg.device,
-            autocast=cfg.sae_autocast,
-            **sp,
-        )
-        for w, sp, lr, seed in itertools.product(cfg.widths, sparsity, cfg.lrs, cfg.seeds)
-    ]
-
-
-def run_meta(cfg: DemoConfig, buffer_cfg: dict | None = None) -> dict:
-    from dictionary_learning.hooks import hook_name
-
-    return {
-        "model": cfg.model,
-        "layer": cfg.layer,
-        "site": cfg.site,
-        "hook": hook_name(cfg.layer, cfg.site),
-        "dataset": cfg.dataset,
-        "data_seed": cfg.seed,
-        "validation_fraction": cfg.validation_fraction,
-        "ctx_len": cfg.ctx_len,
-        "exclude_first_k": cfg.exclude_first_k,
-        "prepend_bos": cfg.prepend_bos,
-        "max_norm_multiple": cfg.max_norm_multiple,
-        "buffer": buffer_cfg or {},
-        "demo": cfg.to_dict(),
-    }
-
-
-def _gib(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:.2f} GiB"
-
-
-def plan(cfg: DemoConfig) -> dict:
-    """What would run: sizes, steps, trainers, memory estimates, output folder (no model load)."""
-    from dictionary_learning.training import layer_dir
-
-    n_layers, d = model_shape(cfg)
-    if not 0 <= cfg.layer < n_layers:
-        raise UsageError(f"--layer {cfg.layer} is out of range: {cfg.model} has layers 0..{n_layers - 1}")
-    steps = cfg.tokens // cfg.batch_size
-    trainers = sweep(dataclasses.replace(cfg, device=cfg.device or "cpu"), d, steps)
-    # per trainer: params + grads + 2 Adam moments (fp32), plus a few [B, m] activations per step
-    per_trainer = [
-        4 * (4 * (2 * d * t.dict_size + t.dict_size * 2 + d) + 3 * cfg.batch_size * t.dict_size)
-        for t in trainers
-    ]
-    buffer_bytes = cfg.buffer_tokens * d * 4
-    return {
-        "preset": cfg.model,
-        "layer": cfg.layer,
-        "site": cfg.site,
-        "d_model": d,
-        "dataset": cfg.dataset,
-        "tokens_per_trainer": steps * cfg.batch_size,
-        "steps": steps,
-        "batch_size": cfg.batch_size,
-        "trainers": [t.name for t in trainers],
-        "activation_buffer": _gib(buffer_bytes),
-        "sae_and_optimizer_memory": _gib(sum(per_trainer)),
-        "activation_cache_on_disk": "at most " + _gib(cfg.tokens * d * 4)
-        if cfg.cache_activations
-        else "none (streaming)",
-        "output_folder": str(layer_dir(cfg.save_dir, run_meta(cfg))),
-    }
-
-
 # ---------------------------------------------------------------------------- the run
-
-
-def harvest_key(cfg: DemoConfig, n_tokens: int) -> dict:
-    """The settings an activation cache depends on; a cache made with others is never reused."""
-    keys = ("model", "layer", "site", "dataset", "seed", "validation_fraction", "ctx_len", "exclude_first_k",
-            "prepend_bos", "max_norm_multiple")  # fmt: skip
-    return {**{k: getattr(cfg, k) for k in keys}, "n_tokens": n_tokens}
-
-
-def check_from_cache(cache, cfg: DemoConfig) -> None:
-    """A --from-cache cache must have been harvested with this run's model, hook and data split,
-    or the SAEs would be saved and evaluated under the wrong names, or evaluated on training text."""
-    want = harvest_key(cfg, 0)
-    have = dict(cache.manifest.get("harvest_key") or {})
-    if not have:  # made outside demo.py: check what its manifest records
-        have = {k: cache.manifest[k] for k in ("layer", "site") if cache.manifest.get(k) is not None}
-        log.warning(
-            "--from-cache %s records no data split: make sure it holds none of the validation text", cache.dir
-        )
-    diff = {k: v for k, v in have.items() if k != "n_tokens" and v != want.get(k)}
-    if diff:
-        raise UsageError(
-            f"--from-cache {cache.dir} was harvested with {diff}; this run has "
-            f"{ {k: want.get(k) for k in diff} }: pass matching flags"
-        )
-
-
-def cache_matches(cache_dir, key: dict, overwrite: bool) -> bool:
-    """True when cache_dir holds a complete cache harvested with `key`; False when there is none (or
-    a stale one and --overwrite was given); a stale cache without --overwrite is a UsageError."""
-    manifest = Path(cache_dir) / "manifest.json"
-    if not manifest.exists():
-        return False
-    old = read_json(manifest).get("harvest_key")
-    if old == key:
-        return True
-    if overwrite:
-        return False
-    raise UsageError(
-        f"{cache_dir} holds activations harvested with other settings ({old}); "
-        "pass --overwrite to re-harvest, or another --save-dir"
-    )
-
-
-def activations(cfg: DemoConfig, args, model, train_texts, steps: int, out_dir: Path):
-    """The iterator of [batch_size, d] training batches: a streaming buffer, or an activation
-    cache harvested once (or given with --from-cache) and re-read for as many epochs as needed."""
-    from dictionary_learning import distributed
-    from dictionary_learning.buffer import ActivationBuffer
-    from dictionary_learning.cache import ActivationCache, write_cache
-
-    ctx = distributed.context()  # under torchrun each rank yields its share of every global batch
-    batch = ctx.local_batch_size(cfg.batch_size)
-    n_ctxs = max(2, cfg.buffer_tokens // cfg.ctx_len)
-    common = dict(
-        ctx_len=cfg.ctx_len,
-        n_ctxs=n_ctxs,
-        lm_batch_size=cfg.lm_batch_size,
-        seed=cfg.seed,
-        exclude_first_k=cfg.exclude_first_k,
-        prepend_bos=cfg.prepend_bos,
-        max_norm_multiple=cfg.max_norm_multiple,
-    )
-    if not (cfg.cache_activations or args.from_cache):
-        buf = ActivationBuffer(
-            train_texts,
-            model,
-            cfg.layer,
-            cfg.site,
-            batch_size=batch,
-            epochs=cfg.max_epochs,
-            **common,
-        )
-        return buf, buf.config
-    cache_dir = args.from_cache or out_dir / "activation_cache"
-    if ctx.distributed and not args.from_cache:  # each rank harvests its text shard into its own cache
-        cache_dir = cache_dir / f"rank{ctx.rank}-of-{ctx.world_size}"
-    else:
-        batch = cfg.batch_size  # one cache read with the global batch; RankSlice below
-    n_tokens = cfg.tokens // ctx.world_size
-    key = harvest_key(cfg, n_tokens)
-    if not args.from_cache and not cache_matches(cache_dir, key, overwrite=args.overwrite):
-        buf = ActivationBuffer(train_texts, model, cfg.layer, cfg.site, batch_size=8192, epochs=1, **common)
-        t0 = time.time()
-        meta = {**run_meta(cfg, buf.config), "harvest_key": key}
-        m = write_cache(buf, cache_dir, n_tokens=n_tokens, meta=meta, overwrite=args.overwrite,
-                        progress=not args.quiet and ctx.is_main, reread=cfg.max_epochs > 1)  # fmt: skip
-        log.info("harvested %d tokens into %s in %.0f s", m["n_tokens"], cache_dir, time.time() - t0)
-    cache = ActivationCache(
-        cache_dir, batch_size=batch, seed=cfg.seed, epochs=1, max_norm_multiple=cfg.max_norm_multiple
-    )
-    if args.from_cache:
-        check_from_cache(cache, cfg)
-    epochs = int(ctx.max(math.ceil(steps * batch / cache.n_tokens)))  # the ranks agree
-    if epochs > cfg.max_epochs:
-        raise UsageError(
-            f"not enough tokens: {cache.n_tokens} training tokens, the budget of {steps} steps needs "
-            f"{epochs} epochs (max_epochs={cfg.max_epochs}); lower --tokens or --set max_epochs={epochs}"
-        )
-    log.info("activation cache: %d tokens, %d epoch(s) for %d steps", cache.n_tokens, epochs, steps)
-    cache.epochs = epochs  # nothing read yet
-    data = distributed.RankSlice(cache) if ctx.distributed and args.from_cache else cache
-    buffer_cfg = {**cache.manifest.get("buffer", {}), "cache": str(cache_dir), "epochs": epochs}
-    return data, {**buffer_cfg, "massive_tokens": cache.massive}
-
-
-def validation_activations(cfg: DemoConfig, model, texts):
-    """cfg.val_tokens held-out activations [N, d] (or None) from the validation split, by the training
-    buffer's rules (windows, BOS, special and massive tokens), for the held-out metrics during training."""
-    from dictionary_learning.buffer import ActivationBuffer
-    from dictionary_learning.utils import DataExhausted
-
-    if not cfg.val_tokens or model is None or not texts:
-        return None
-    buf = ActivationBuffer(texts, model, cfg.layer, cfg.site, ctx_len=cfg.ctx_len, lm_batch_size=cfg.lm_batch_size,
-                           n_ctxs=max(2, 2 * -(-cfg.val_tokens // cfg.ctx_len)), batch_size=cfg.val_tokens,
-                           exclude_first_k=cfg.exclude_first_k, prepend_bos=cfg.prepend_bos,
-                           max_norm_multiple=cfg.max_norm_multiple, seed=cfg.seed)  # fmt: skip
-    try:
-        return next(buf)
-    except DataExhausted:
-        return None
 
 
 def evaluate_run(run_dir: Path, cfg: DemoConfig, args) -> list[dict]:

@@ -16,6 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
+class UsageError(Exception):
+    """Bad flags or settings: printed as one line, exit code 2."""
+
+
 @dataclass
 class DemoConfig:
     model: str
