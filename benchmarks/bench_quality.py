@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import sys
 import tempfile
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
                 "--device", "cpu", "--quiet", "--overwrite", "--no-features",
                 *(f"--set={s}" for s in args.set)]  # fmt: skip
         cfg = demo.build_config(demo.parse_args(argv))
-        rows = demo.run(cfg, demo.parse_args(argv))
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is for the one JSON object
+            rows = demo.run(cfg, demo.parse_args(argv))
         out_dir = Path(rows[0]["folder"]).parent
         timings = json.loads((out_dir / "timings.json").read_text())
         manifest = out_dir / "activation_cache" / "manifest.json"
