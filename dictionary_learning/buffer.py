@@ -56,6 +56,19 @@ class BufferConfig:
     """Yield (x, index) with index [B, 2] = (context number, position in context) per vector."""
 
 
+def check_max_norm_multiple(multiple: float | None) -> None:
+    """The massive-token rule's multiple: > 1, or None for no rule."""
+    if multiple is not None and not multiple > 1:
+        raise ValueError(f"max_norm_multiple must be > 1 or None, got {multiple}")
+
+
+def massive_limit(norms: torch.Tensor, multiple: float | None) -> float | None:
+    """The massive-activation threshold in raw units (Sun et al. 2024, arXiv 2402.17762): `multiple` x
+    the median of norms [n] (a token's activation norm). None: no rule (multiple None, or no norms)."""
+    check_max_norm_multiple(multiple)
+    return None if multiple is None or not len(norms) else multiple * float(norms.float().median())
+
+
 def massive_record(multiple: float | None, max_norm: dict, dropped: int, total: int) -> dict:
     """How massive-activation tokens were handled: the rule, the threshold per hook in raw units,
     and how many of the real tokens seen it dropped (config.json, cache manifest, eval_results)."""
@@ -115,8 +128,7 @@ class ActivationBuffer:
             raise ValueError(f"padding_side must be 'left' or 'right', got {cfg.padding_side!r}")
         if cfg.epochs is not None and cfg.epochs < 1:
             raise ValueError(f"epochs must be >= 1 or None, got {cfg.epochs}")
-        if cfg.max_norm_multiple is not None and not cfg.max_norm_multiple > 1:
-            raise ValueError(f"max_norm_multiple must be > 1 or None, got {cfg.max_norm_multiple}")
+        check_max_norm_multiple(cfg.max_norm_multiple)
         self.dtype = parse_dtype(cfg.dtype)
         self.model, self.site = model, site
         self.multi = isinstance(layer, (list, tuple))
@@ -224,7 +236,7 @@ class ActivationBuffer:
             return out
         norms = [torch.linalg.vector_norm(x.float(), dim=1) for x in out[: len(self.points)]]
         if self.max_norm is None:
-            self.max_norm = [self.cfg.max_norm_multiple * float(n.median()) for n in norms]
+            self.max_norm = [massive_limit(n, self.cfg.max_norm_multiple) for n in norms]
         massive = torch.zeros_like(norms[0], dtype=torch.bool)
         for n, limit in zip(norms, self.max_norm):
             massive |= n > limit

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .buffer import massive_record, seeded_generator
+from .buffer import massive_limit, massive_record, seeded_generator
 from .utils import (
     DataExhausted,
     atomic_path,
@@ -254,8 +254,8 @@ class ActivationCache:
     def max_norm(self) -> float | None:
         """The norm above which rows are dropped when read (None: none are)."""
         if self.read_multiple is not None and self._max_norm is None:
-            median = float(torch.linalg.vector_norm(self.load_shard(0).float(), dim=1).median())
-            self._max_norm = self.read_multiple * median
+            norms = torch.linalg.vector_norm(self.load_shard(0).float(), dim=1)
+            self._max_norm = massive_limit(norms, self.read_multiple)
             log.info("activation cache %s: rows with norm > %.4g (%g x the median of shard 0) are dropped "
                      "as they are read", self.dir, self._max_norm, self.read_multiple)  # fmt: skip
         return self._max_norm

@@ -37,6 +37,7 @@ from dictionary_learning.demo_config import (
 )
 from dictionary_learning.demo_data import activations, validation_activations
 from dictionary_learning.demo_plan import plan, run_meta, sweep
+from dictionary_learning.utils import first_line
 
 log = logging.getLogger("demo")
 
@@ -329,7 +330,7 @@ def main(argv=None) -> int:
         print(f"demo.py: error: {e}", file=sys.stderr)
         return 2
     except (ValueError, OSError, RuntimeError) as e:  # data, files, Hub, data exhausted, distributed
-        msg = cli_words(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        msg = cli_words(first_line(e))
         log.debug("traceback", exc_info=True)
         print(f"demo.py: error: {msg}", file=sys.stderr)
         return 2

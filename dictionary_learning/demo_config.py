@@ -296,6 +296,7 @@ def problems(cfg: DemoConfig) -> list[tuple[str, str]]:
         "lrs": (lambda v: min(v) > 0, "every value must be > 0"),
         "seeds": (lambda v: min(v) >= 0, "every value must be >= 0"),
         "bandwidth": (lambda v: v > 0, "must be > 0"),
+        "max_norm_multiple": (lambda v: v is None or v > 1, "must be > 1, or null for no massive-token rule"),
         "threshold_init": (lambda v: v >= 0, "must be >= 0"),
         "decay_start": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
         "validation_fraction": (lambda v: 0 < v < 1, "must be > 0 and < 1 (the evaluation's held-out split)"),

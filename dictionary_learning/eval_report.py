@@ -1,7 +1,7 @@
 """CLI of the evaluation, and its reports: per-trainer eval_results.json, sparsity.safetensors and
 density histogram, a sweep summary (CSV + markdown), frontier plots and training curves.
 
-    python -m dictionary_learning.eval_report RUN_DIR [--n-tokens N] [--batch-size B] [--ctx-len T]
+    python -m dictionary_learning.eval_report RUN_DIR [--n-tokens N] [--lm-batch-size B] [--ctx-len T]
         [--device D] [--dataset SPEC] [--model NAME --layer L --site S]
 
 RUN_DIR is one trainer folder (sae_weights.safetensors + config.json), a folder holding several
@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .buffer import check_max_norm_multiple
 from .dictionary import JumpReluAutoEncoder
 from .eval_summary import find_saes, plot_density, plot_frontiers, plot_training_curves, write_summary
 from .evaluation import EvalConfig, evaluate_many
 from .metrics import log_feature_density
-from .utils import atomic_path, git_commit, package_versions, read_json, read_jsonl, write_json
+from .utils import atomic_path, first_line, git_commit, package_versions, read_json, read_jsonl, write_json
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +143,9 @@ def _multiple(v: str):
         return "none"
     try:
         x = float(v)
+        check_max_norm_multiple(x)
     except ValueError:
-        x = 0.0
-    if not x > 1:
-        raise argparse.ArgumentTypeError(f"must be a number > 1 or 'none', got {v!r}")
+        raise argparse.ArgumentTypeError(f"must be a number > 1 or 'none', got {v!r}") from None
     return x
 
 
@@ -215,12 +215,12 @@ def main(argv=None) -> int:
         if args.group_size < 1:
             raise ValueError(f"--group-size must be >= 1 (got {args.group_size})")
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     try:
         rows = run(args, saes, settings)
     except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 1
     print(
         f"evaluated {len(rows)} SAE(s); summary in {Path(args.out or _out_dir(args.run_dir)) / 'eval_summary.md'}"

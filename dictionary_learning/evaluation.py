@@ -13,7 +13,8 @@ run once for all):
   activation tokens (norm > max_norm_multiple x the median norm; Sun et al. 2024, arXiv 2402.17762)
   are treated alike for the headline metrics: excluded from every reconstruction and sparsity metric,
   left UNPATCHED in the spliced / zero- / mean-ablated passes, and the loss and KL are taken over the
-  positions whose NEXT token is kept. `all_tokens` repeats FVE, MSE and the spliced loss with the
+  positions whose NEXT token is kept and that come at or after the first kept one (before it the
+  splice changes nothing, and such positions would dilute delta_loss and KL). `all_tokens` repeats FVE, MSE and the spliced loss with the
   massive tokens included (and patched), so the reader sees what they do.
 - Reference tokens, disjoint from the scored ones: `mean_texts` (the CLI: the data set's train split)
   or else the held-out windows after the scored ones. Their median norm sets the massive-token
@@ -52,7 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .buffer import massive_record
+from .buffer import check_max_norm_multiple, massive_limit, massive_record
 from .hooks import get_hook_module, hook_name, traced_forward
 from .metrics import (
     BOOTSTRAP_RESAMPLES,
@@ -98,13 +99,14 @@ class EvalConfig:
 
 
 def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, keep: torch.Tensor):
-    """Log-probabilities at the loss positions: those whose NEXT token is kept.
+    """Log-probabilities at the loss positions: those whose NEXT token is kept and that a splice at the
+    kept positions reaches (a kept position at or before them; before the first one, spliced = clean).
 
     logits [B, T, V], input_ids and keep [B, T] -> (logp [K, V] fp32, targets [K], rows [K]), where the
-    K positions are t < T-1 with keep[:, t+1] True, targets the tokens input_ids[:, t+1] and rows
-    their row in the batch.
+    K positions are t < T-1 with keep[:, t+1] and any(keep[:, :t+1]), targets the tokens
+    input_ids[:, t+1] and rows their row in the batch.
     """
-    at = keep[:, 1:]
+    at = keep[:, 1:] & (keep.cumsum(1) > 0)[:, :-1]
     return logits[:, :-1][at].float().log_softmax(-1), input_ids[:, 1:][at], at.nonzero()[:, 0]
 
 
@@ -155,17 +157,16 @@ def _batches(ids, keep, lm_batch_size, device):
 
 @torch.no_grad()
 def _reference(model, envoy, site, batches, multiple):
-    """(median norm, max_norm or None, mean activation [d] over the kept reference tokens)."""
+    """(median norm, max_norm or None, mean activation [d] over the kept reference tokens, how many)."""
     acts = []
     for ids, kp in batches:
         act, _ = traced_forward(model, envoy, site, ids, stop_at_hook=True)
         acts.append(act[kp].double())
     x = torch.cat(acts)
     norms = torch.linalg.vector_norm(x, dim=1)
-    median = float(norms.median())
-    max_norm = None if multiple is None else multiple * median
+    median, max_norm = float(norms.median()), massive_limit(norms, multiple)
     kept = x if max_norm is None else x[norms <= max_norm]
-    return median, max_norm, kept.mean(0).float()
+    return median, max_norm, kept.mean(0).float(), len(kept)
 
 
 @torch.no_grad()
@@ -208,6 +209,7 @@ def evaluate_many(
     if lm_batch_size < 1 or ctx_len < 2 or n_tokens < 1 or n_ref_tokens < 1:
         raise ValueError(f"evaluate: need lm_batch_size >= 1, ctx_len >= 2, n_tokens >= 1, n_ref_tokens >= 1 "
                          f"(got {lm_batch_size}, {ctx_len}, {n_tokens}, {n_ref_tokens})")  # fmt: skip
+    check_max_norm_multiple(max_norm_multiple)
     device = torch.device(device) if device else model.device
     saes = [sae.to(device=device, dtype=torch.float32).eval() for sae in saes]
     envoy, hook = get_hook_module(model, layer, site), hook_name(layer, site)
@@ -218,7 +220,9 @@ def evaluate_many(
     if keep.sum() < n_tokens:
         log.warning("only %d real held-out tokens to score (asked for %d)", int(keep.sum()), n_tokens)
     ref = _batches(ref_ids, ref_keep, lm_batch_size, model.device)
-    median, max_norm, mean_act = _reference(model, envoy, site, bar(ref, "reference"), max_norm_multiple)
+    median, max_norm, mean_act, n_mean = _reference(
+        model, envoy, site, bar(ref, "reference"), max_norm_multiple
+    )
     for i, sae in enumerate(saes):
         if sae.activation_dim != len(mean_act):
             which = f" #{i}" if len(saes) > 1 else ""
@@ -281,7 +285,7 @@ def evaluate_many(
                 "delta_loss": _ratio(full[i] - full["clean"], full["n"]),
                 "n_loss_tokens": int(full["n"]),
             },
-            "mean_ablation": {"source": ref_source, "n_tokens": int(ref_keep.sum())},
+            "mean_ablation": {"source": ref_source, "n_tokens": n_mean},  # kept (not massive) tokens
             "bootstrap": {
                 "unit": "context window",
                 "n_units": len(ids),

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .buffer import massive_record
+from .buffer import massive_limit, massive_record
 from .eval_report import add_run_flags, load_sae, run_settings
 from .evaluation import EvalConfig, select_contexts
 from .feature_stats import (
@@ -52,6 +52,7 @@ from .feature_stats import (
 from .features_html import MARKER, SCHEMA_VERSION, write_browser
 from .hooks import get_hook_module, hook_name, traced_forward
 from .metrics import DENSITY_FLOOR
+from .utils import first_line
 
 
 @dataclass
@@ -116,7 +117,7 @@ def drop_massive(x: torch.Tensor, pos: torch.Tensor, multiple: float | None):
     """The evaluation's massive-token rule on the harvested rows x [N, d] (positions pos [N]): rows with
     norm > multiple x their median norm are left unscored, like special tokens. -> (x, pos, record)."""
     norms = torch.linalg.vector_norm(x, dim=1)
-    limit = None if multiple is None or not len(x) else multiple * float(norms.median())
+    limit = massive_limit(norms, multiple)
     kept = norms <= limit if limit is not None else torch.ones_like(norms, dtype=torch.bool)
     record = massive_record(multiple, {"held-out median": limit}, int((~kept).sum()), len(x))
     return x[kept], pos[kept], record
@@ -352,13 +353,15 @@ def build(args, models: dict | None = None) -> Path:
 
 
 def build_for_run(folders: list[Path], which: str = "middle", argv: list[str] | None = None) -> list[Path]:
-    """demo.py: the browser of the SAE with the middle target L0 (which='middle'; measured L0 where no
-    target) or of every SAE ('all'), into <trainer>/features/. argv: extra CLI flags for each."""
+    """demo.py: the browser of the SAE with the middle target L0 (which='middle'; measured L0 where the
+    sparsity mode has no target) or of every SAE ('all'), into <trainer>/features/. argv: extra CLI flags
+    for each."""
     from .utils import read_json
 
     def key(f):
         cfg = read_json(f / "config.json") if (f / "config.json").exists() else {}
-        t = cfg.get("target_l0") or (cfg.get("trainer") or {}).get("target_l0")
+        trainer = cfg.get("trainer") or {}
+        t = trainer.get("target_l0") if trainer.get("sparsity_mode", "target_l0") == "target_l0" else None
         if t is None and (f / "eval_results.json").exists():
             t = read_json(f / "eval_results.json").get("l0")
         return (math.inf if t is None else float(t), str(f))
@@ -376,8 +379,7 @@ def main(argv=None) -> int:
     try:
         out = build(args)
     except (FileNotFoundError, ValueError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     print(f"feature browser written to {out / 'index.html'}")
     return 0

@@ -105,8 +105,9 @@ def _summary(d: Path, path_in_repo: str) -> dict:
         "width": cfg.get("dict_size", "?"),
         "l0": metric("l0", "l0"),
         "fve": metric("frac_variance_explained", "fve"),
-        "ce": f"{ev['frac_recovered']:.4g}" if ev.get("frac_recovered") is not None else "–",
-    }
+        **{k: f"{ev[k]:.4g}" if ev.get(k) is not None else "–"
+           for k in ("delta_loss", "frac_recovered_mean", "frac_recovered")},
+    }  # fmt: skip
 
 
 def model_card(repo_id: str, rows: list[dict], snapshots: bool = False) -> str:
@@ -123,11 +124,12 @@ def model_card(repo_id: str, rows: list[dict], snapshots: bool = False) -> str:
         yaml += ["datasets:"] + [f"- {x}" for x in datasets]
     yaml.append("---")
     table = [
-        "| SAE (subfolder) | model | layer | hook | dataset | width | L0 | FVE | CE loss recovered |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| SAE (subfolder) | model | layer | hook | dataset | width | L0 | FVE (standard) | delta loss (nats) "
+        "| loss recovered (mean abl.) | loss recovered (zero abl.) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ] + [
         f"| `{r['path']}` | {r['model']} | {r['layer']} | {r['hook']} | {r['dataset']} | {r['width']} "
-        f"| {r['l0']} | {r['fve']} | {r['ce']} |"
+        f"| {r['l0']} | {r['fve']} | {r['delta_loss']} | {r['frac_recovered_mean']} | {r['frac_recovered']} |"
         for r in rows
     ]
     ex = rows[0]["path"]
@@ -141,9 +143,12 @@ def model_card(repo_id: str, rows: list[dict], snapshots: bool = False) -> str:
 JumpReLU SAEs (Rajamanoharan et al. 2024, arXiv 2407.14435) trained with SAE Factory. Each subfolder
 holds one SAE: `sae_weights.safetensors` (W_enc [d, m], W_dec [m, d], b_enc, b_dec, threshold; the
 activation normalisation factor is folded in, so the SAE takes raw activations), `config.json`
-(the full training config), `cfg.json` (SAELens), and the training log. L0 and FVE come from
-`eval_results.json` when present, else from the last training log step (marked "train"); CE loss
-recovered is (L_zero - L_sae) / (L_zero - L_clean).{snapshot_note if snapshots else ""}
+(the full training config), `cfg.json` (SAELens), and the training log. The figures are on held-out
+text, from `eval_results.json` (which also holds their 95% bootstrap intervals and how they were taken);
+without it, L0 and FVE come from the last training log step (marked "train"). FVE (standard) is
+1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2 (SAELens, SAEBench); delta loss the increase in next-token
+loss with the SAE spliced in; loss recovered (L_abl - L_sae) / (L_abl - L_clean) against mean and zero
+ablation.{snapshot_note if snapshots else ""}
 
 {chr(10).join(table)}
 

@@ -58,7 +58,7 @@ FAILED_FILE = "FAILED.json"
 AVERAGED = ("loss", "mse", "sparsity_loss", "pre_act_loss", "l0", "frac_variance_explained",
             "frac_variance_explained_centred")  # window means in the log  # fmt: skip
 LOG_KEYS = {"frac_variance_explained": "fve", "frac_variance_explained_centred": "fve_centred",
-            "dead_latents": "dead"}  # update() key -> log key  # fmt: skip
+            "frac_dead": "dead"}  # update() key -> log key  # fmt: skip
 SAE_FILES = ("sae_weights.safetensors", "config.json", "cfg.json")
 
 
@@ -342,7 +342,8 @@ class Sweep:
         on_device = {}
         for r in self.active(step):
             dev = str(r.trainer.device)
-            on_device.setdefault(dev, x.to(r.trainer.device))
+            if dev not in on_device:
+                on_device[dev] = x.to(r.trainer.device)
             r.update(step, on_device[dev])
         self.step = step + 1
         if not self.ctx.any(bool(self.active())):

@@ -8,7 +8,7 @@ Recipe (Rajamanoharan et al. 2024, arXiv 2407.14435; Gemma Scope, arXiv 2408.051
   * Adam(β1=0, β2=0.999, eps=1e-8), lr 7e-5 with linear warm-up, constant, linear decay over the
     final (1 − decay_start) of the steps; gradient-norm clipping; θ clamped >= 0 after each step;
     optional unit-norm decoder rows (gradient component parallel to each row removed).
-One step (`compute_grads`, then `update`): jumprelu.encode (the encoder GEMM and the pairs near or above
+One step (`update`, which calls `compute_grads`): jumprelu.encode (the encoder GEMM and the pairs near or above
 θ, with the paper's pseudo-derivatives), jumprelu.decode, the loss terms in plain torch, loss.backward(),
 Adam. Under data parallel (`reduce_sum` set) the gradients are those of the loss on the global batch.
 """
@@ -231,7 +231,8 @@ class JumpReluTrainer:
     def update(self, step: int, x: torch.Tensor) -> dict:
         """One optimiser step on raw activations x [B, d] (divided by norm_factor here). Returns floats:
         loss, mse, sparsity_loss (+ pre_act_loss), l0, frac_variance_explained (standard definition,
-        metrics.py), frac_variance_explained_centred, lr, sparsity_coeff, dead_latents."""
+        metrics.py), frac_variance_explained_centred, lr, sparsity_coeff, frac_dead (share of latents
+        silent for the last dead_window tokens)."""
         c = self.cfg
         x = self._prepare(step, x)
         lr = c.lr * self.lr_factor(step)
@@ -262,7 +263,7 @@ class JumpReluTrainer:
             "frac_variance_explained_centred": float(fves[1]),
             "lr": lr,
             "sparsity_coeff": coeff,
-            "dead_latents": float(dead),
+            "frac_dead": float(dead),
         }
 
     @torch.no_grad()

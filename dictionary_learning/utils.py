@@ -29,6 +29,12 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "SAE_FACTORY_CACHE"
 
 
+def first_line(e: BaseException) -> str:
+    """An error's message for a one-line CLI error: its first line (its type's name if empty)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 # ---------------------------------------------------------------------------- files
 
 
@@ -357,9 +363,8 @@ def load_language_model(name: str, device: str | None = None, dtype: str | torch
             dtype=parse_dtype(dtype),
         )
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OSError(
-            f"could not load model {name!r}: {first}. Offline? Use the embedded model "
+            f"could not load model {name!r}: {first_line(e)}. Offline? Use the embedded model "
             f"({EMBEDDED_MODEL!r}) or a local folder."
         ) from None
     model.eval()

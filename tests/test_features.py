@@ -326,7 +326,8 @@ def test_demo_builds_the_middle_target_l0(tmp_path, monkeypatch):
     folders = []
     for t in (80, 20, 40, 160):
         (tmp_path / f"tl0-{t}").mkdir()
-        (tmp_path / f"tl0-{t}" / "config.json").write_text(json.dumps({"target_l0": t}))
+        trainer = {"sparsity_mode": "target_l0", "target_l0": t}
+        (tmp_path / f"tl0-{t}" / "config.json").write_text(json.dumps({"trainer": trainer}))
         folders.append(tmp_path / f"tl0-{t}")
     built_for = []
     monkeypatch.setattr(fe, "build", lambda args, models: built_for.append(Path(args.sae_path).name))
@@ -334,6 +335,22 @@ def test_demo_builds_the_middle_target_l0(tmp_path, monkeypatch):
     assert built_for == ["tl0-40"]  # sorted 20, 40, 80, 160: the lower middle
     fe.build_for_run(folders, "all")
     assert built_for[1:] == ["tl0-20", "tl0-40", "tl0-80", "tl0-160"]
+
+
+def test_demo_builds_the_middle_measured_l0_without_a_target(tmp_path, monkeypatch):
+    """An 'l0' (or 'tanh') sweep: target_l0 keeps its unused default (64) in every config, so the pick is
+    by the measured L0 of eval_results.json (names sort the other way round)."""
+    folders = []
+    for name, l0 in (("a", 90.0), ("b", 30.0), ("c", 10.0)):
+        (tmp_path / name).mkdir()
+        trainer = {"sparsity_mode": "l0", "target_l0": 64.0, "sparsity_coeff": 1.0}
+        (tmp_path / name / "config.json").write_text(json.dumps({"trainer": trainer}))
+        (tmp_path / name / "eval_results.json").write_text(json.dumps({"l0": l0}))
+        folders.append(tmp_path / name)
+    built_for = []
+    monkeypatch.setattr(fe, "build", lambda args, models: built_for.append(Path(args.sae_path).name))
+    fe.build_for_run(folders, "all")
+    assert built_for == ["c", "b", "a"]
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,8 @@ def run_dir(tmp_path_factory):
                    snapshot_steps=[8, 16], progress=False)  # fmt: skip
     torch.set_num_threads(threads)
     (Path(out[0]) / "eval_results.json").write_text(json.dumps({"l0": 3.5, "frac_variance_explained": 0.71,
-                                                                 "frac_recovered": 0.9321}))  # fmt: skip
+                                                                 "frac_recovered": 0.9321, "delta_loss": 0.2468,
+                                                                 "frac_recovered_mean": 0.8642}))  # fmt: skip
     failed = Path(out[0]).parent / "jumprelu_w99_failed"
     failed.mkdir()
     (failed / "FAILED.json").write_text("{}")
@@ -137,7 +138,9 @@ def test_push_uploads_trainer_folders_and_card(run_dir, mock_hub):
     meta = huggingface_hub.ModelCard(card).data.to_dict()  # the Hub's own parser of the YAML header
     assert meta["library_name"] == "saelens" and meta["base_model"] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
     assert {"sparse-autoencoder", "jumprelu", "sae-lens"} <= set(meta["tags"])
-    assert "0.9321" in card and "| 32 |" in card and "| 64 |" in card  # CE recovered, widths
+    assert "0.9321" in card and "| 32 |" in card and "| 64 |" in card  # loss recovered (zero abl.), widths
+    assert "| 0.71 | 0.2468 | 0.8642 | 0.9321 |" in card  # FVE, delta loss, loss recovered mean / zero abl.
+    assert "FVE (standard)" in card and "mean abl." in card
     assert "JumpReluAutoEncoder.from_pretrained" in card and "SAE.load_from_disk" in card
 
 

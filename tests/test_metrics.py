@@ -67,6 +67,10 @@ def test_next_token_loss_kl_and_frac_recovered_hand_computed():
     torch.testing.assert_close(
         metrics.cross_entropy(logp, targets), torch.tensor([math.log(2), 10 + math.log1p(math.exp(-10))])
     )
+    # first position excluded (exclude_first_k=1 / BOS): t=0 predicts a kept token, but no splice reaches
+    # it (its output depends on position 0 alone), so it is no loss position; t=1 and t=2 are
+    _, targets, rows = ev.next_token_logprobs(logits, ids, torch.tensor([[False, True, True, True]]))
+    assert targets.tolist() == [1, 1] and rows.tolist() == [0, 0]
     p = torch.tensor([[0.5, 0.5]]).log()
     q = torch.tensor([[0.75, 0.25]]).log()
     # KL(p || q) = 0.5 ln(0.5/0.75) + 0.5 ln(0.5/0.25) = 0.5 ln(4/3)

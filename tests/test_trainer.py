@@ -565,7 +565,7 @@ def test_dead_latent_counters():
     x = torch.randn(40, 8)
     out = [t.update(s, x) for s in range(3)]
     assert t.tokens_since_fired[:4].tolist() == [120] * 4
-    assert out[1]["dead_latents"] == 0.0 and out[2]["dead_latents"] == pytest.approx(4 / 16)
+    assert out[1]["frac_dead"] == 0.0 and out[2]["frac_dead"] == pytest.approx(4 / 16)
 
 
 # ---------------------------------------------------------------------------- bad input, dtypes
