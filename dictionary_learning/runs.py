@@ -230,6 +230,7 @@ class Sweep:
     def __init__(self, runs: list[RunFolder], ctx, base: Path, steps: int, progress: bool = True):
         self.runs, self.ctx, self.base, self.steps, self.progress = runs, ctx, base, steps, progress
         self.signal, self.exhausted, self.bar, self._prev = None, None, None, {}
+        self.stream: DataStream | None = None
         self.step = 0  # steps completed
 
     def __enter__(self) -> Sweep:
@@ -277,7 +278,8 @@ class Sweep:
                 raise
 
         self.ckpts = self.ctx.open_runs(open_all, self.runs, resume, overwrite)
-        stream, tokens = DataStream(data), 0
+        stream = self.stream = DataStream(data)
+        tokens = 0
         here = [
             self.ckpts[i][2]["step"] if i in self.ckpts else 0 for i, r in enumerate(self.runs) if r.active
         ]
@@ -367,9 +369,17 @@ class Sweep:
                 "step %d/%d %.0f tok/s %s", step, self.steps, rate, " | ".join(post)
             )
 
+    def massive(self) -> dict:
+        """{"massive_tokens": the data's massive-token record as applied so far} (ActivationBuffer,
+        ActivationCache: the threshold and count are known only once data has been read), or {}."""
+        record = getattr(getattr(self.stream, "data", None), "massive", None)
+        return {} if record is None else {"massive_tokens": record}
+
     def snapshot(self, step: int) -> None:
+        extra = self.massive()
         for r in self.active():
             if r.writes and step > r.start:
+                r.cfg.update(extra)
                 r.snapshot(step)
 
     def checkpoint(self, step: int, tokens: int, stream: DataStream) -> None:
@@ -379,7 +389,7 @@ class Sweep:
             if r.writes and step >= r.start:
                 r.checkpoint(step, tokens, ds, rng)
 
-    def end(self, step: int, tokens: int, stream: DataStream, extra: dict) -> list[str]:
+    def end(self, step: int, tokens: int, stream: DataStream) -> list[str]:
         """Data ran out or a signal came: checkpoint, status, then DataExhausted or SystemExit(128+signum).
         Else the final SAEs; the finished folders (of the whole run, every rank)."""
         if self.exhausted is not None or self.signal is not None:
@@ -399,7 +409,7 @@ class Sweep:
             raise SystemExit(128 + sig.value)
         for r in self.active():
             if r.writes:
-                r.finish(step, tokens, extra)
+                r.finish(step, tokens, self.massive())
         return self.finished()
 
     def finished(self) -> list[str]:

@@ -102,7 +102,7 @@ def run_config(trainer: JumpReluTrainer, run_meta: dict, norm_factor: float | No
         "context_size": buf.get("ctx_len"),
         "prepend_bos": buf.get("prepend_bos"),
         "max_norm_multiple": buf.get("max_norm_multiple", meta.get("max_norm_multiple")),
-        "massive_tokens": buf.get("massive_tokens"),
+        "massive_tokens": buf.pop("massive_tokens", None),  # here only (updated as the data is read)
         "norm_factor": norm_factor,
         "schedule": schedule,
         "run_meta": meta,
@@ -196,6 +196,5 @@ def trainSAE(
                 sweep.snapshot(step)
             if step % checkpoint_every == 0 and step < steps:
                 sweep.checkpoint(step, tokens, stream)
-        massive = {"massive_tokens": data.massive} if hasattr(data, "massive") else {}  # as applied
-        done = sweep.end(step, tokens, stream, massive)  # early end: checkpoint, then raise
+        done = sweep.end(step, tokens, stream)  # early end: checkpoint, then raise
     return sorted(done, key=lambda p: names.index(Path(p).name))  # sweep order

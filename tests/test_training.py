@@ -566,6 +566,27 @@ def test_runs_shorter_than_the_norm_estimate_use_every_batch(tmp_path):
     assert cfg["schedule"]["norm_batches"] == 10
 
 
+class Counting(Synthetic):
+    """Synthetic data with a massive-token record that grows as batches are read (as ActivationBuffer's:
+    its threshold and count are known only once it has harvested)."""
+
+    @property
+    def massive(self) -> dict:
+        return {"dropped": self.i, "of_tokens": self.i * B}
+
+
+def test_massive_record_is_the_one_applied_so_far_in_snapshots_and_final_config(tmp_path):
+    meta = {**META, "buffer": {**META["buffer"], "massive_tokens": {"dropped": 0, "of_tokens": 0}}}
+    data = Counting()
+    (out,) = trainSAE(data, configs(1), 12, tmp_path, meta, log_every=4, norm_batches=4, snapshot_steps=[6],
+                      progress=False)  # fmt: skip
+    final = json.loads((Path(out) / "config.json").read_text())
+    assert final["massive_tokens"] == {"dropped": data.i, "of_tokens": data.i * B} and data.i >= 12
+    assert "massive_tokens" not in final["run_meta"]["buffer"]  # one record, not a stale copy
+    snap = json.loads((Path(out) / "checkpoints" / "step_00000006" / "config.json").read_text())
+    assert 6 <= snap["massive_tokens"]["dropped"] < data.i  # read so far at step 6 (4 norm batches ahead)
+
+
 def test_folder_names_and_snapshot_schedule():
     assert sanitize("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB__SmolLM2-135M"
     assert layer_dir("runs", META) == Path("runs/org__tiny-model/resid_post_layer3")
