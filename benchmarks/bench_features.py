@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from dictionary_learning import features  # noqa: E402
 from dictionary_learning.dictionary import JumpReluAutoEncoder  # noqa: E402
+from dictionary_learning.evaluation import select_contexts  # noqa: E402
 from dictionary_learning.features_html import write_browser  # noqa: E402
 from dictionary_learning.hooks import get_layers  # noqa: E402
 from dictionary_learning.utils import load_language_model, write_dir_atomic  # noqa: E402
@@ -174,11 +175,11 @@ def main() -> None:
     model = load_language_model("smollm2-135m", device="cpu", dtype="float32")
     tok, hf = model.tokenizer, model._module
 
-    x_cal, _ = features.harvest(model, args.layer, "resid_post", *features.held_out_windows(
+    x_cal, _ = features.harvest(model, args.layer, "resid_post", *select_contexts(
         calib, tok, args.ctx_len, args.calib_tokens, 1), args.batch, 576, "cpu", False)  # fmt: skip
     sae = calibrated_sae(x_cal, args.dict_size, args.l0)
     del x_cal
-    windows, keep = features.held_out_windows(browse, tok, args.ctx_len, args.n_tokens, 1)
+    windows, keep = select_contexts(browse, tok, args.ctx_len, args.n_tokens, 1)
 
     paired = PairedBare(hf, args.layer, features.traced_forward)
     paired.bare(windows[:8])  # warm-up

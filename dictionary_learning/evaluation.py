@@ -139,8 +139,14 @@ def select_contexts(texts: list[str], tokenizer, ctx_len: int, n_tokens: int, ex
         n_texts = min(len(texts), n_texts * 2)
     if len(cum) == 0 or cum[-1] == 0:
         raise ValueError("the evaluation texts hold no real (non-special) tokens")
-    k = int(torch.searchsorted(cum, torch.tensor(n_tokens, dtype=cum.dtype)).item()) + 1
+    k = _windows_holding(keep, n_tokens)
     return ids[:k], keep[:k]
+
+
+def _windows_holding(keep: torch.Tensor, n_tokens: int) -> int:
+    """How many of the first windows (keep [N, T]) hold >= n_tokens kept tokens (all N if they never do)."""
+    cum = keep.sum(1).cumsum(0)
+    return int(torch.searchsorted(cum, torch.tensor(n_tokens, dtype=cum.dtype)).item()) + 1
 
 
 def evaluate(sae, model, layer: int, site: str = "resid_post", texts: list[str] | None = None, **kwargs):
@@ -313,7 +319,7 @@ def _windows(texts, mean_texts, tokenizer, n_tokens, n_ref_tokens, windows: dict
         return (select_contexts(texts, tokenizer, n_tokens=n_tokens, **windows),
                 select_contexts(mean_texts, tokenizer, n_tokens=n_ref_tokens, **windows), "mean_texts")  # fmt: skip
     ids, keep = select_contexts(texts, tokenizer, n_tokens=n_tokens + n_ref_tokens, **windows)
-    k = int(torch.searchsorted(keep.sum(1).cumsum(0), torch.tensor(n_tokens)).item()) + 1
+    k = _windows_holding(keep, n_tokens)
     if not keep[k:].any():
         raise ValueError(f"the held-out text holds no tokens beyond the {n_tokens} scored: lower n_tokens "
                          "or pass mean_texts (e.g. the train split) for the mean ablation")  # fmt: skip

@@ -8,7 +8,7 @@ a Gemma Scope params.npz). Model, layer, site, data set, ctx_len, exclude_first_
 come from its config exactly as in the evaluation CLI (`eval_report.run_settings`); flags override.
 --latents: `all` (default), `N` (latents 0..N-1) or a comma list `i,j,k` (`7,` for latent 7 alone).
 
-Procedure (`collect`): the held-out windows of the evaluation (`held_out_windows`: the validation
+Procedure (`collect`): the held-out windows of the evaluation (`evaluation.select_contexts`: the validation
 split, packed and masked as evaluation does) run once through the model, stopped at the hook; the
 real-token activations x [N, d] are kept. Positions whose keep mask is False (BOS/EOS/PAD, the first
 exclude_first_k positions) are never scored: they appear in contexts as greyed tokens with no value.
@@ -51,7 +51,7 @@ from .feature_stats import (
 )
 from .features_html import MARKER, SCHEMA_VERSION, write_browser
 from .hooks import get_hook_module, hook_name, traced_forward
-from .metrics import DENSITY_FLOOR
+from .metrics import DENSITY_FLOOR, log_feature_density
 from .utils import first_line
 
 
@@ -106,13 +106,6 @@ def parse_latents(spec: str, dict_size: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------- harvest
 
 
-def held_out_windows(texts: list[str], tokenizer, ctx_len: int, n_tokens: int, exclude_first_k: int,
-                     prepend_bos: bool | None = None):  # fmt: skip
-    """The evaluation's held-out windows: (input_ids [N, T], keep [N, T]). One call, so the browser
-    follows the evaluation protocol (windows, BOS and special-token rules) wherever it changes."""
-    return select_contexts(texts, tokenizer, ctx_len, n_tokens, exclude_first_k, prepend_bos)
-
-
 def drop_massive(x: torch.Tensor, pos: torch.Tensor, multiple: float | None):
     """The evaluation's massive-token rule on the harvested rows x [N, d] (positions pos [N]): rows with
     norm > multiple x their median norm are left unscored, like special tokens. -> (x, pos, record)."""
@@ -163,7 +156,7 @@ def collect(sae, model, layer, site, texts, ctx_len, exclude_first_k=0, latents=
     device = torch.device(device) if device else model.device
     sae = sae.to(device=device, dtype=torch.float32)
     sel = (torch.arange(sae.dict_size) if latents is None else latents).to(device)
-    ids, keep = held_out_windows(texts, model.tokenizer, ctx_len, cfg.n_tokens, exclude_first_k, prepend_bos)
+    ids, keep = select_contexts(texts, model.tokenizer, ctx_len, cfg.n_tokens, exclude_first_k, prepend_bos)
     n_real = int(keep.sum())
     if n_real < cfg.min_tokens:
         raise ValueError(
@@ -244,7 +237,7 @@ def _records(ids: list[int], stats: LatentStats, band_count, parts: dict, T: int
     lo, hi = (first * width).tolist(), ((last + 1) * width).tolist()
     hist, first, last = stats.hist.tolist(), first.tolist(), last.tolist()
     fires, vmax, band_count = stats.fires.tolist(), round_sig(stats.max), band_count.tolist()
-    dens = round_sig((stats.fires.double() / stats.n_tokens).clamp_min(DENSITY_FLOOR).log10(), digits=4)
+    dens = round_sig(log_feature_density(stats.fires, stats.n_tokens).double(), digits=4)
     records, top_tokens, c0 = [], [], 0
     for j, latent in enumerate(ids):
         mine, c0 = ctx[c0 : c0 + n_ctx[j]], c0 + n_ctx[j]
