@@ -108,6 +108,11 @@ def run_settings(sae_path: Path, args) -> dict:
     if s["layer"] is None and m:
         s["layer"] = int(m.group(1))
     where = cfg_file or sae_path
+    if not args.dataset and s["dataset"] is not None and where.name == "cfg.json":  # an external SAE
+        s["dataset_from"] = "the SAE's metadata: its training data, split by this project (may overlap)"
+        log.warning("%s: scoring a validation split of %s, the SAE's own training data (its metadata); this "
+                    "project's split cannot know which texts it trained on: pass --dataset with unseen text",
+                    where, s["dataset"])  # fmt: skip
     for key, flag in (
         ("model", "--model"),
         ("layer", "--layer"),

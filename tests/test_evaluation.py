@@ -631,6 +631,25 @@ def test_external_sae_without_model_field_names_the_flag(tmp_path):
         eval_report.run_settings(npz, eval_report.parse_args([str(npz)]))
 
 
+def test_external_sae_scored_on_its_own_training_data_is_flagged(tmp_path, caplog):
+    """A SAELens folder names its training data set; splitting it here cannot exclude the texts the SAE
+    was trained on, so the CLI warns and records it, unless --dataset names other text."""
+    from dictionary_learning import eval_report
+
+    folder = tmp_path / "saelens"
+    folder.mkdir()
+    meta = {"model_name": "m", "hook_name": "blocks.1.hook_resid_post", "dataset_path": "org/their-data"}
+    (folder / "cfg.json").write_text(
+        json.dumps({"architecture": "jumprelu", "d_in": 8, "d_sae": 16, "metadata": meta})
+    )
+    with caplog.at_level("WARNING"):
+        s = eval_report.run_settings(folder, eval_report.parse_args([str(folder)]))
+    assert s["dataset"] == "org/their-data" and "may overlap" in s["dataset_from"]
+    assert "own training data" in caplog.text and "--dataset" in caplog.text
+    s = eval_report.run_settings(folder, eval_report.parse_args([str(folder), "--dataset", "sample"]))
+    assert s["dataset"] == "sample" and "dataset_from" not in s
+
+
 def assert_png(path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
 
