@@ -343,6 +343,7 @@ class ActivationCache:
             "n_tokens": self.n_tokens,
             "tokens_yielded": self.tokens_yielded,
             "batches_yielded": self.batches_yielded,
+            "massive_dropped": self.massive_dropped,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -355,6 +356,7 @@ class ActivationCache:
         self.tokens_yielded, self.batches_yielded = state["tokens_yielded"], state["batches_yielded"]
         if self._pos and (self.epochs is None or self._epoch < self.epochs):
             self._load_group()
+        self.massive_dropped = state.get("massive_dropped", 0)  # as counted when first read
 
 
 def push_cache_to_hub(

@@ -107,7 +107,10 @@ def activations(cfg: DemoConfig, args, model, train_texts, steps: int, out_dir: 
     )
     if args.from_cache:
         check_from_cache(cache, cfg)
-    epochs = int(ctx.max(math.ceil(steps * batch / cache.n_tokens)))  # the ranks agree
+    usable = (
+        cache.n_tokens if cache.read_multiple is None else cache.n_tokens * 0.99
+    )  # rows dropped when read
+    epochs = int(ctx.max(math.ceil(steps * batch / usable)))  # the ranks agree
     if epochs > cfg.max_epochs:
         raise UsageError(
             f"not enough tokens: {cache.n_tokens} training tokens, the budget of {steps} steps needs "

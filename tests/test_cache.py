@@ -343,3 +343,25 @@ def test_push_to_hub_and_load_back(tmp_path, mock_hub, monkeypatch):
     c = ActivationCache("me/acts", batch_size=50)
     assert calls == [("me/acts", "dataset")] and c.manifest["model"] == "toy"
     assert torch.equal(sorted_rows(next(c)), sorted_rows(torch.cat(batches())[:50]))
+
+
+def test_rows_dropped_when_read_are_counted_once_across_a_resume(tmp_path):
+    """A cache harvested without the massive-token rule (another tool, an older version) is filtered as it
+    is read; the count of dropped rows survives state_dict / load_state_dict (not restarted, not doubled)."""
+    data = batches(n_batches=8, B=16, d=6)
+    planted = [(b, (5 * b) % 16) for b in range(8)]  # (batch, row): 1000x the others' norm, one per shard
+    for b, r in planted:
+        data[b][r] *= 1000
+    write_cache(iter(data), tmp_path / "c", n_tokens=128, meta={"model": "toy"}, shard_rows=16)
+    kw = dict(batch_size=8, seed=2, shards_per_group=2, max_norm_multiple=10.0)
+    whole = ActivationCache(tmp_path / "c", **kw)
+    rows, _ = drain(whole)
+    assert whole.massive_dropped == len(planted) and len(rows) == 128 - len(planted)
+    first = ActivationCache(tmp_path / "c", **kw)
+    head = [next(first) for _ in range(5)]  # stops inside a group of shards
+    state = json.loads(json.dumps(first.state_dict()))
+    second = ActivationCache(tmp_path / "c", **kw)
+    second.load_state_dict(state)
+    tail, _ = drain(second)
+    assert torch.equal(torch.cat([*head, tail]), rows)
+    assert second.massive_dropped == len(planted)
