@@ -73,6 +73,8 @@ def write_cache(
     if (out / MANIFEST).exists() and not overwrite:
         raise FileExistsError(f"{out}: already holds an activation cache (pass overwrite=True)")
     out.mkdir(parents=True, exist_ok=True)
+    for p in out.glob(".*.tmp"):  # a killed write's temporaries (atomic_path's), never part of a cache
+        p.unlink(missing_ok=True)
     if overwrite:
         for p in [out / MANIFEST, *out.glob("shard_*.safetensors")]:
             p.unlink(missing_ok=True)

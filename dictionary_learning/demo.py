@@ -319,8 +319,11 @@ def main(argv=None) -> int:
             print(json.dumps(plan(cfg), indent=2))
             return 0
         preflight(cfg, args)
-        if args.eval_only:
-            print_summary(evaluate_run(Path(args.eval_only), cfg, args))
+        if args.eval_only:  # not while a run trains or evaluates there (its lock)
+            from dictionary_learning.training import hold_run_folder
+
+            with hold_run_folder(Path(args.eval_only)):
+                print_summary(evaluate_run(Path(args.eval_only), cfg, args))
             return 0
         rows = run(cfg, args)
         if rows is not None:

@@ -365,3 +365,17 @@ def test_rows_dropped_when_read_are_counted_once_across_a_resume(tmp_path):
     tail, _ = drain(second)
     assert torch.equal(torch.cat([*head, tail]), rows)
     assert second.massive_dropped == len(planted)
+
+
+def test_a_killed_writes_temporaries_are_removed_by_the_next_write(tmp_path):
+    """Issue 16 (Also): a kill inside a shard write leaves atomic_path's `.shard_*.tmp`; the next write of
+    the cache (the only writer: demo.py holds the run folder's lock) removes it."""
+    (tmp_path / "c").mkdir()
+    stale = [tmp_path / "c" / ".shard_00001.safetensors.k3j2.tmp", tmp_path / "c" / ".manifest.json.x9.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a shard")
+    keep = tmp_path / "c" / "notes.txt"  # not ours: left alone
+    keep.write_text("user file")
+    write_cache(iter(batches()), tmp_path / "c", n_tokens=40, meta={"model": "toy"}, shard_rows=16)
+    assert not any(p.exists() for p in stale) and keep.read_text() == "user file"
+    assert len(drain(ActivationCache(tmp_path / "c", batch_size=8, max_norm_multiple=None))[0]) == 40

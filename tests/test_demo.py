@@ -172,6 +172,7 @@ def demo_main(monkeypatch, capsys):
         (["--set", "save_dir=null"], ["--set save_dir=null", "not null"]),  # defect 11
         (["--set", "lrs=notalist"], ["--set lrs=notalist", "a list of numbers"]),  # defect 16
         (["--set", "lrs=0,1e-3"], ["--set lrs=0,1e-3", "> 0"]),
+        (["--set", "max_norm_multiple=0.5"], ["--set max_norm_multiple=0.5", "> 1"]),
         (["--set", "cache_activations=maybe"], ["--set cache_activations=maybe", "true or false"]),
         (["--set", "validation_fraction=0"], ["--set validation_fraction=0", "> 0 and < 1"]),
         (["--site", "resid_post", "--set", "site=nowhere"], ["--set site=nowhere", "resid_pre"]),
@@ -439,3 +440,19 @@ def test_second_run_is_refused_while_the_first_trains_from_its_cache(tmp_path):
         tmp_path / "undisturbed" / "smollm2-135m" / "resid_post_layer1" / name / "sae_weights.safetensors"
     )
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_eval_only_waits_for_no_run_and_is_refused_while_one_holds_the_folder(
+    demo_main, lock_holder, tmp_path
+):
+    """--eval-only writes eval_results.json into the trainer folders: not while a demo run (its lock,
+    exclusive) or a sweep (shared) uses the folder; refused in one line before any model loads."""
+    folder = tmp_path / "runs" / "m" / "resid_post_layer3"
+    for shared in (False, True):
+        holder = lock_holder(folder, shared=shared)
+        rc, errors = demo_main("--eval-only", str(folder))
+        assert rc == 2 and len(errors) == 1 and str(folder) in errors[0], errors
+        holder.kill()
+        holder.wait()
+    rc, errors = demo_main("--eval-only", str(folder))
+    assert rc == 0 and errors == []
