@@ -598,7 +598,7 @@ def test_update_returns_floats():
         "frac_variance_explained_centred",
         "lr",
         "sparsity_coeff",
-        "dead_latents",
+        "frac_dead",
     }
     assert set(out) == keys and all(isinstance(v, float) and math.isfinite(v) for v in out.values())
 
