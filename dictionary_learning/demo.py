@@ -228,7 +228,8 @@ def cli_words(msg: str) -> str:
 
 
 def run(cfg: DemoConfig, args) -> list[dict] | None:
-    """The whole run; the run folder stays locked from before its first write to the end (_run)."""
+    """The whole run; the run folder stays locked from before its first write to the end (_run). Returns
+    the eval results of this sweep's SAEs (the folder's summary covers every SAE in it), None on ranks > 0."""
     with contextlib.ExitStack() as held:
         return _run(cfg, args, held)
 
@@ -289,7 +290,8 @@ def _run(cfg: DemoConfig, args, held: contextlib.ExitStack) -> list[dict] | None
         return None
     times["training_s"] = time.time() - t0 - sum(times.values())  # (streaming: harvest included)
     log.info("training done in %.0f s", time.time() - t0)
-    rows = evaluate_run(out_dir, cfg, args)
+    names = {t.name for t in trainers}  # the folder may also hold other sweeps' SAEs (in its summary)
+    rows = [r for r in evaluate_run(out_dir, cfg, args) if Path(r["folder"]).name in names]
     times["evaluation_s"] = time.time() - t0 - sum(times.values())
     if args.features:  # <trainer>/features/index.html
         from dictionary_learning import features
