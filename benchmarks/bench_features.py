@@ -109,7 +109,7 @@ def calibrated_sae(x: torch.Tensor, m: int, l0: float, seed: int = 0) -> JumpRel
     dens = torch.exp(torch.empty(m).uniform_(math.log(1e-4), math.log(3e-2), generator=g))
     dens = (dens * l0 / dens.sum()).clamp(max=0.5)
     for i in range(0, m, 512):  # threshold = the (1 - density) quantile of each latent's pre-activation
-        pre = sae.pre_activations(x)[:, i : i + 512].sort(0).values
+        pre = (x @ sae.W_enc[:, i : i + 512] + sae.b_enc[i : i + 512]).sort(0).values  # z, 512 latents
         k = ((1 - dens[i : i + 512]) * (len(x) - 1)).long()
         sae.threshold[i : i + 512] = pre.gather(0, k[None]).squeeze(0).clamp_min(0)
     return sae

@@ -527,3 +527,21 @@ def test_notebook_card_renders_in_chromium(built, browser):
     assert page.locator(".card .top .tok.on").count() >= min(20, int(fires[j]))
     assert problems == []
     page.close()
+
+
+def test_benchmark_sae_fires_at_the_calibrated_l0():
+    """benchmarks/bench_features.py's data-initialised SAE: each threshold is the (1 - density) quantile
+    of its latent's pre-activation on the calibration rows, so its L0 there is the asked-for one."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_features.py"
+    spec = importlib.util.spec_from_file_location("bench_features", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x = torch.randn(4000, 16, generator=torch.Generator().manual_seed(0)) + 3.0
+    sae = bench.calibrated_sae(x, 1024, l0=20.0)
+    with torch.no_grad():
+        z = x @ sae.W_enc + sae.b_enc  # computed here, not by the SAE
+        l0 = float((z > sae.threshold).sum(1).float().mean())
+        assert torch.equal(sae.encode(x) != 0, z > sae.threshold)
+    assert l0 == pytest.approx(20.0, rel=0.05)
