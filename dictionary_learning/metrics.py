@@ -40,9 +40,9 @@ def frac_recovered(loss_ablated, loss_sae, loss_clean):
     1 = perfect splice, 0 = no better than the ablation. Floats (NaN when the ablation does not change
     the loss), or tensors of resamples."""
     den = loss_ablated - loss_clean
-    if not torch.is_tensor(den) and den == 0:
-        return float("nan")
-    return (loss_ablated - loss_sae) / den
+    if torch.is_tensor(den):  # a resample whose ablation changes nothing: NaN (left out), not ±inf
+        return torch.where(den != 0, (loss_ablated - loss_sae) / den, torch.nan)
+    return float("nan") if den == 0 else (loss_ablated - loss_sae) / den
 
 
 def resample_weights(n_units: int, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> torch.Tensor:

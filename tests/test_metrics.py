@@ -79,6 +79,11 @@ def test_next_token_loss_kl_and_frac_recovered_hand_computed():
     assert metrics.frac_recovered(5.0, 2.0, 1.0) == pytest.approx(0.75)
     assert metrics.frac_recovered(5.0, 5.0, 1.0) == 0.0
     assert math.isnan(metrics.frac_recovered(1.0, 1.0, 1.0))
+    # resamples (tensors): an undefined ratio is NaN, which bootstrap leaves out, never ±inf
+    r = metrics.frac_recovered(
+        torch.tensor([5.0, 1.0, 1.0]), torch.tensor([2.0, 2.0, 1.0]), torch.tensor([1.0] * 3)
+    )
+    assert r[0] == 0.75 and r[1:].isnan().all()
 
 
 def test_fve_definitions_on_a_constant_bias():
