@@ -360,10 +360,16 @@ def build_dataset(
     return to_dataset_dict(logged_splits(source, seed, validation_fraction, skip_bad, dedup, sample_dir))
 
 
+_LOGGED: set[str] = set()  # summaries already logged at INFO by this process
+
+
 def logged_splits(source, *args) -> dict[str, list[dict]]:
-    """build_splits(source, *args)'s splits, with its summary logged."""
+    """build_splits(source, *args)'s splits, with its summary logged (INFO once per process, as a run
+    loads the same texts for several stages; DEBUG after that)."""
     splits, summary = build_splits(source, *args)
-    log.info("built %s dataset: %s", source, json.dumps(summary))
+    line = f"built {source} dataset: {json.dumps(summary)}"
+    log.log(logging.DEBUG if line in _LOGGED else logging.INFO, line)
+    _LOGGED.add(line)
     return splits
 
 

@@ -532,3 +532,16 @@ def test_hub_dataset_offline_suggests_the_dataset_flag(monkeypatch):
     with pytest.raises(ds.HubUnreachable, match="--dataset sample") as err:
         ds.load_texts("hub")
     assert "--source" not in str(err.value)
+
+
+def test_a_runs_repeated_loads_log_the_summary_once(caplog, monkeypatch):
+    """demo.py loads the sample for several stages (train, validation, evaluation, browser): the
+    summary is an INFO line once per process, not once per load; another build's summary is logged."""
+    monkeypatch.setattr(ds, "_LOGGED", set())
+    with caplog.at_level("DEBUG", logger=ds.log.name):
+        for split in ("train", "validation", "train"):
+            ds.load_texts("sample", split)
+        ds.load_texts("sample", "train", seed=1)  # other splits: another summary
+    info = [r for r in caplog.records if r.levelname == "INFO" and "built sample dataset" in r.message]
+    debug = [r for r in caplog.records if r.levelname == "DEBUG" and "built sample dataset" in r.message]
+    assert len(info) == 2 and len(debug) == 2
