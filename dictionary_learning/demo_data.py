@@ -107,9 +107,8 @@ def activations(cfg: DemoConfig, args, model, train_texts, steps: int, out_dir: 
     )
     if args.from_cache:
         check_from_cache(cache, cfg)
-    usable = (
-        cache.n_tokens if cache.read_multiple is None else cache.n_tokens * 0.99
-    )  # rows dropped when read
+    # a cache harvested without the massive-token rule drops rows as they are read: leave room for 1%
+    usable = cache.n_tokens if cache.read_multiple is None else cache.n_tokens * 0.99
     epochs = int(ctx.max(math.ceil(steps * batch / usable)))  # the ranks agree
     if epochs > cfg.max_epochs:
         raise UsageError(

@@ -14,8 +14,9 @@ run once for all):
   are treated alike for the headline metrics: excluded from every reconstruction and sparsity metric,
   left UNPATCHED in the spliced / zero- / mean-ablated passes, and the loss and KL are taken over the
   positions whose NEXT token is kept and that come at or after the first kept one (before it the
-  splice changes nothing, and such positions would dilute delta_loss and KL). `all_tokens` repeats FVE, MSE and the spliced loss with the
-  massive tokens included (and patched), so the reader sees what they do.
+  splice changes nothing, and such positions would dilute delta_loss and KL). `all_tokens` repeats
+  FVE, MSE and the spliced loss with the massive tokens included (and patched), so the reader sees
+  what they do.
 - Reference tokens, disjoint from the scored ones: `mean_texts` (the CLI: the data set's train split)
   or else the held-out windows after the scored ones. Their median norm sets the massive-token
   threshold, and their mean (over kept tokens) is the mean-ablation activation.
