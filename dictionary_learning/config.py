@@ -82,10 +82,11 @@ class TrainerConfig:
     short run as in a long one."""
     backward: str = "auto"
     """Which branch of the encoder runs: 'sparse' (pairs near or above θ only), 'dense' ([B, m]
-    tensors), or 'auto' (sparse while at most sparse_max_density of the pairs are such)."""
+    tensors), or 'auto' (sparse while that is cheaper: see sparse_max_density)."""
     sparse_max_density: float | None = None
-    """'auto' runs the sparse branch while the fraction of (token, latent) pairs near or above θ is
-    at most this; None: the measured default for the device (SPARSE_MAX_DENSITY)."""
+    """'auto' runs the sparse branch while its pairs cost at most this fraction of the B·m (token,
+    latent) pairs, all active; a pair in the kernel window below θ counts a quarter of an active one
+    (jumprelu._sparse_pairs). None: the measured default for the device (SPARSE_MAX_DENSITY)."""
     extra: dict = field(default_factory=dict)
     """Free-form JSON metadata carried into config.json."""
 

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .pairs import bags, candidates, offsets, sampled_products, sum_by
+from .pairs import Workspace, bags, candidates, offsets, rounding_bound, sampled_products, sum_by
 
 SPARSITY_MODES = ("l0", "target_l0", "tanh")
 
@@ -157,14 +157,19 @@ def pre_act_loss(pre_acts: torch.Tensor, threshold: torch.Tensor, W_dec_norm: to
 
 class Pairs(NamedTuple):
     """The (token, latent) pairs the sparse branch keeps: every pair with z > θ − ε/2, i.e. the active
-    ones and the kernel window below θ. Sorted by token; `latent_*` give the same pairs by latent."""
+    ones and the kernel window below θ, sorted by token. θ's gradient needs ∂L/∂f at all of them; f and
+    ∂L/∂z are 0 at the inactive ones, so the products with W_dec, W_enc and x run over the active ones
+    only (`active*` by token, `latent_*` by latent): with a wide kernel window most pairs are inactive."""
 
     rows: torch.Tensor  # [n] int32 token of each pair
     cols: torch.Tensor  # [n] int32 latent of each pair
     offsets: torch.Tensor  # [B + 1] token b's pairs are offsets[b]:offsets[b + 1]
-    latent_order: torch.Tensor | None  # [n] stable sort of the pairs by latent (None without gradients)
-    latent_rows: torch.Tensor | None  # [n] rows[latent_order]
-    latent_offsets: torch.Tensor | None  # [m + 1] latent j's pairs, in latent_order
+    active: torch.Tensor  # [k] int64 the active pairs (z > θ), ascending: positions among the n
+    active_cols: torch.Tensor  # [k] cols[active]
+    active_offsets: torch.Tensor  # [B + 1] token b's active pairs, as offsets into `active`
+    latent_pairs: torch.Tensor | None  # [k] active sorted by latent, stably (None without gradients)
+    latent_rows: torch.Tensor | None  # [k] rows[latent_pairs]
+    latent_offsets: torch.Tensor | None  # [m + 1] latent j's active pairs, in latent_pairs
 
 
 class Codes(NamedTuple):
@@ -177,52 +182,18 @@ class Codes(NamedTuple):
     pre_acts_at: torch.Tensor | None  # [B, k] z of the latents `columns` asked for (true gradient)
 
 
-class Workspace:
-    """Tensors one trainer reuses from step to step, because a fresh multi-MB tensor every step costs
-    page faults and grows glibc's heap: `buffer`, the encoder GEMM's output [B, m], and `spare`, last
-    step's [m, d] gradients by parameter name, which the backward writes into and hands to autograd
-    (popped first: autograd then takes the tensor over as .grad without a copy)."""
-
-    def __init__(self):
-        self.buffer: torch.Tensor | None = None
-        self.spare: dict[str, torch.Tensor] = {}
-
-    def gemm_out(self, rows: int, like: torch.Tensor) -> torch.Tensor:
-        m = like.shape[0]
-        if self.buffer is None or self.buffer.shape != (rows, m) or self.buffer.dtype != like.dtype:
-            self.buffer = None
-            self.buffer = like.new_empty(rows, m)
-        return self.buffer
-
-    def take(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
-        t = self.spare.pop(name, None)
-        ok = t is not None and t.shape == like.shape and t.dtype == like.dtype and t.is_contiguous()
-        return t if ok else None
-
-
-def rounding_bound(x: torch.Tensor, W_enc_t: torch.Tensor, dtype: torch.dtype) -> tuple[float, torch.Tensor]:
-    """(rel, err [m]) with |x·W_enc in `dtype` − the fp32 product| <= rel·|product| + err_j: the output's
-    rounding (rel = u, the unit roundoff, +1%) plus 8 standard deviations of the error the inputs'
-    rounding makes, u·sqrt(2/3)·|x_b · w_j|₂, with |x_b · w_j|₂ <= ‖x_b‖·‖w_j‖/sqrt(d) for spread-out
-    vectors, at the batch's largest ‖x_b‖. Measured: at most 3.6 of those deviations over 17-19M pairs
-    (d = 576, 2304), and 1.1x the fp32 candidates."""
-    u = torch.finfo(dtype).eps / 2
-    x_max = torch.linalg.vector_norm(x, dim=1).max()
-    w = torch.linalg.vector_norm(W_enc_t, dim=1)
-    return 1.01 * u, 8 * u * (2 / (3 * x.shape[1])) ** 0.5 * x_max * w
-
-
 class JumpReLUEncoder(torch.autograd.Function):
     """The encoder of one training step: z = x·W_enc + b_enc, f = JumpReLU_θ(z), L0, for the pairs that
     matter only. x [B, d], W_enc_t = W_encᵀ [m, d], b_enc [m], threshold [m].
 
     Forward: one GEMM, then the pairs with z > θ − ε/2 (every active pair and the kernel window). While
-    they are at most `max_density` of the B·m, f comes back per pair (sparse branch); else as [B, m]
-    (dense branch, early in training). With `matmul_dtype` (bf16 autocast) the GEMM runs in it, the
+    they cost at most `max_density` of the B·m pairs, all active (_sparse_pairs), f comes back per pair
+    (sparse branch); else as [B, m] (dense branch, early in training). With `matmul_dtype` (bf16 autocast) the GEMM runs in it, the
     pairs are found with its rounding bound as slack, and z is recomputed in fp32 where rounding could
     change a decision: at every candidate (sparse) or near θ (dense).
-    Backward, through the kept pairs only, computing only what needs_input_grad asks for: θ by the
-    pseudo-derivatives (threshold_grad), W_enc, b_enc and x by the true gradient ∂f/∂z = H(z − θ)."""
+    Backward, computing only what needs_input_grad asks for: θ by the pseudo-derivatives
+    (threshold_grad) at every kept pair, W_enc, b_enc and x by the true gradient ∂f/∂z = H(z − θ),
+    through the active pairs only."""
 
     @staticmethod
     def forward(
@@ -243,28 +214,27 @@ class JumpReLUEncoder(torch.autograd.Function):
         lo = threshold - b_enc - bandwidth / 2 - tiny
         found = None
         if max_density > 0:
-            found = candidates(prod, lo - rel * lo.abs() - err, max_count=max_density * B * m)
+            found = _sparse_pairs(
+                prod, x, W_enc_t, b_enc, threshold, lo, (rel, err), matmul_dtype, max_density
+            )
         ctx.dims, ctx.bandwidth, ctx.matmul_dtype = (B, m), bandwidth, matmul_dtype
         ctx.columns, ctx.ws = columns, ws
         if found is not None:  # sparse branch
             pre_at = None if columns is None else prod.index_select(1, columns).add_(b_enc[columns])
-            rows, cols, pre_acts = found
-            if matmul_dtype is not None:  # x·W_enc in fp32 at the candidates; keep those that really are
-                pre_acts = sampled_products(offsets(rows, B), cols, x, W_enc_t, pre_acts)
-                keep = (pre_acts > lo.index_select(0, cols)).nonzero().squeeze(1)
-                rows, cols, pre_acts = (v.index_select(0, keep) for v in (rows, cols, pre_acts))
-            pre_acts += b_enc.index_select(0, cols)
-            th = threshold.index_select(0, cols)
-            active = pre_acts > th  # [n]
+            rows, cols, pre_acts, th, active = found
             f = pre_acts * active  # 0 at the inactive candidates: those only matter for θ
-            order = lat_rows = lat_ptr = None
-            if needs_grad:  # both backwards (W_enc here, W_dec in decode) sum per latent
-                order = torch.argsort(cols, stable=True)
-                lat_rows, lat_ptr = rows.index_select(0, order), offsets(cols, m)
-            pairs = Pairs(rows, cols, offsets(rows, B), order, lat_rows, lat_ptr)
-            counts = torch.zeros(m, dtype=torch.int32, device=x.device).index_add_(0, cols, active.int())
+            act = active.nonzero().squeeze(1)  # [k]
+            act_rows, act_cols = rows.index_select(0, act), cols.index_select(0, act)
+            lat_pairs = lat_rows = lat_ptr = None
+            if needs_grad:  # both weight gradients (W_enc here, W_dec in decode) sum per latent
+                order = torch.argsort(act_cols, stable=True)
+                lat_pairs, lat_rows = act.index_select(0, order), act_rows.index_select(0, order)
+                lat_ptr = offsets(act_cols, m)
+            act_ptr = offsets(act_rows, B)
+            pairs = Pairs(rows, cols, offsets(rows, B), act, act_cols, act_ptr, lat_pairs, lat_rows, lat_ptr)
+            counts = torch.bincount(act_cols, minlength=m).to(torch.int32)
             ctx.pairs = pairs
-            ctx.save_for_backward(x, W_enc_t, pre_acts, th, active)
+            ctx.save_for_backward(x, W_enc_t, pre_acts, th)
         else:  # dense branch: [B, m] tensors
             pairs = None
             if matmul_dtype is not None:  # exact z wherever rounding could move a pair across θ or the window
@@ -298,19 +268,19 @@ class JumpReLUEncoder(torch.autograd.Function):
         grad_step = None if grad_l0 is None else grad_l0 / B  # ∂L/∂H for every pair: L0 = (1/B) Σ H
         g_x = g_W = g_b = g_th = None
         if ctx.pairs is not None:  # sparse: per pair
-            x, W_enc_t, pre_acts, th, active = ctx.saved_tensors
+            x, W_enc_t, pre_acts, th = ctx.saved_tensors
             p = ctx.pairs
             if need_th:
                 g_th = sum_by(p.cols, threshold_grad(pre_acts, th, eps, grad_f, grad_step), m)
-            if grad_f is not None:
-                g_z = grad_f * active  # ∂f/∂z = H(z − θ); the step passes nothing to z
+            if grad_f is not None:  # ∂f/∂z = H(z − θ): ∂L/∂z is ∂L/∂f at the active pairs, 0 elsewhere
                 if need_b:
-                    g_b = sum_by(p.cols, g_z, m)
+                    g_b = sum_by(p.active_cols, grad_f.index_select(0, p.active), m)
                 if need_W:  # Σ_b ∂L/∂z_bj x_b per latent j
                     out = None if ctx.ws is None else ctx.ws.take("W_enc", W_enc_t)
-                    g_W = bags(p.latent_offsets, p.latent_rows, g_z.index_select(0, p.latent_order), x, out)
+                    g_z = grad_f.index_select(0, p.latent_pairs)
+                    g_W = bags(p.latent_offsets, p.latent_rows, g_z, x, out)
                 if need_x:
-                    g_x = bags(p.offsets, p.cols, g_z, W_enc_t)
+                    g_x = bags(p.active_offsets, p.active_cols, grad_f.index_select(0, p.active), W_enc_t)
         else:  # dense: [B, m]
             x, W_enc_t, active = ctx.saved_tensors
             if need_th and ctx.window is not None:
@@ -339,6 +309,31 @@ class JumpReLUEncoder(torch.autograd.Function):
         return g_x, g_W, g_b, g_th, None, None, None, None, None, None
 
 
+def _sparse_pairs(prod, x, W_enc_t, b_enc, threshold, lo, bound, matmul_dtype, max_density):
+    """The sparse branch's pairs, (rows, cols, z, θ_j, z > θ_j) [n] each, sorted by token, from prod =
+    x·W_enc [B, m]: those with z > θ − ε/2 (lo = θ − b_enc − ε/2), or None when the branch would cost
+    more than max_density·B·m active pairs. An active pair takes four products over d (the decode,
+    ∂L/∂f and the two weight gradients), one in the kernel window below θ only ∂L/∂f: it counts a
+    quarter. bound = (rel, err): prod's rounding bound when it is a matmul_dtype product; the pairs are
+    then found with that slack and z recomputed in fp32 at each (those that really qualify are kept)."""
+    (B, m), (rel, err) = prod.shape, bound
+    budget = 4 * max_density * B * m
+    found = candidates(prod, lo - rel * lo.abs() - err, max_count=budget)
+    if found is None:
+        return None
+    rows, cols, pre_acts = found
+    if matmul_dtype is not None:
+        pre_acts = sampled_products(offsets(rows, B), cols, x, W_enc_t, pre_acts)
+        keep = (pre_acts > lo.index_select(0, cols)).nonzero().squeeze(1)
+        rows, cols, pre_acts = (v.index_select(0, keep) for v in (rows, cols, pre_acts))
+    pre_acts += b_enc.index_select(0, cols)
+    th = threshold.index_select(0, cols)
+    active = pre_acts > th
+    if rows.numel() + 3 * int(active.sum()) > budget:
+        return None
+    return rows, cols, pre_acts, th, active
+
+
 def _mm(a: torch.Tensor, b: torch.Tensor, low: torch.dtype | None, out: torch.Tensor | None = None):
     """a @ b into `out` (if given), in the `low` dtype when given (the result in b's dtype)."""
     if low is None:
@@ -349,9 +344,10 @@ def _mm(a: torch.Tensor, b: torch.Tensor, low: torch.dtype | None, out: torch.Te
 
 class Decoder(torch.autograd.Function):
     """x̂ − b_dec = f·W_dec for f [B, m] (dense), or for f [n] at encode's `pairs` (sparse: per token
-    b, Σ_{pairs p of b} f_p · W_dec[col_p]). W_dec [m, d] -> [B, d]. Backward: ∂L/∂f (sparse: by a
-    sampled matmul at the pairs) and ∂L/∂W_dec = Σ_b f_bj ∂L/∂x̂_b (sparse: per-latent bags), each only
-    if needed. matmul_dtype: the dense products in that dtype (bf16 autocast)."""
+    b, Σ_{active pairs p of b} f_p · W_dec[col_p]; f is 0 at the inactive pairs, as encode's is). W_dec
+    [m, d] -> [B, d]. Backward: ∂L/∂f (sparse: by a sampled matmul at every pair) and ∂L/∂W_dec =
+    Σ_b f_bj ∂L/∂x̂_b (sparse: per-latent bags over the active pairs), each only if needed. matmul_dtype:
+    the dense products in that dtype (bf16 autocast)."""
 
     @staticmethod
     def forward(ctx, f, W_dec, pairs: Pairs | None, matmul_dtype, ws: Workspace | None):
@@ -359,7 +355,7 @@ class Decoder(torch.autograd.Function):
         ctx.pairs, ctx.matmul_dtype, ctx.ws = pairs, matmul_dtype, ws
         if pairs is None:
             return _mm(f, W_dec, matmul_dtype)
-        return bags(pairs.offsets, pairs.cols, f, W_dec)
+        return bags(pairs.active_offsets, pairs.active_cols, f.index_select(0, pairs.active), W_dec)
 
     @staticmethod
     def backward(ctx, grad_x_hat):
@@ -372,12 +368,11 @@ class Decoder(torch.autograd.Function):
                 g_f = _mm(grad_x_hat, W_dec.T, low)
             if ctx.needs_input_grad[1]:
                 g_W = _mm(f.T, grad_x_hat, low, out)
-        else:  # by latent: each W_dec row is read once (not once per pair: W_dec may not fit in cache)
-            f_lat = f.index_select(0, p.latent_order)
-            if ctx.needs_input_grad[0]:
-                g_f_lat = sampled_products(p.latent_offsets, p.latent_rows, W_dec, grad_x_hat, f_lat)
-                g_f = torch.empty_like(f).index_copy_(0, p.latent_order, g_f_lat)
-            if ctx.needs_input_grad[1]:
+        else:
+            if ctx.needs_input_grad[0]:  # at every pair: θ's gradient needs it below θ too
+                g_f = sampled_products(p.offsets, p.cols, grad_x_hat, W_dec, f)
+            if ctx.needs_input_grad[1]:  # by latent, over the active pairs (f = 0 at the others)
+                f_lat = f.index_select(0, p.latent_pairs)
                 g_W = bags(p.latent_offsets, p.latent_rows, f_lat, grad_x_hat, out)
         return g_f, g_W, None, None, None
 
@@ -387,8 +382,8 @@ def encode(x, W_enc_t, b_enc, threshold, bandwidth: float = 0.001, *, max_densit
            workspace: Workspace | None = None) -> Codes:  # fmt: skip
     """The SAE's encoder: f = JumpReLU_θ(x·W_enc + b_enc) for x [B, d] (W_enc_t = W_encᵀ [m, d], b_enc
     and threshold [m]), with the paper's pseudo-derivatives for θ (JumpReLUEncoder). max_density: the
-    sparse branch runs while at most this fraction of the B·m pairs is near or above θ (0: always
-    dense, 1: always sparse). columns [k] (int64): also return those latents' z for every token.
+    sparse branch runs while its pairs cost at most this fraction of the B·m pairs, all active; one in
+    the kernel window below θ counts a quarter (0: always dense, 1: always sparse). columns [k] (int64): also return those latents' z for every token.
     bandwidth ε only matters for gradients."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, W_enc_t, b_enc, threshold))
     f, l0, counts, pairs, pre_at = JumpReLUEncoder.apply(

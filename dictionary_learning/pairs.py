@@ -1,6 +1,7 @@
 """Index helpers for sparse [B, m] matrices held as (row, col, value) pairs, in torch ops: the scan that
-finds the pairs, CSR pointers, per-id sums, and weighted bags of rows. No SAE formulas here (those are
-in jumprelu.py); every helper is deterministic on CPU and CUDA, so a resumed run gets the same bits.
+finds the pairs (and its slack on a low-precision product), CSR pointers, per-id sums, weighted bags of
+rows, and the Workspace of tensors reused between steps. No SAE formulas here (those are in
+jumprelu.py); every helper is deterministic on CPU and CUDA, so a resumed run gets the same bits.
 """
 
 from __future__ import annotations
@@ -100,3 +101,38 @@ def sampled_products(ptr, cols, a: torch.Tensor, b_t: torch.Tensor, like: torch.
     a [R, k], b_t [C, k] -> [n] in pair order. `like` [n] (any values) fixes the dtype."""
     csr = _csr(ptr, cols, like, (a.shape[0], b_t.shape[0]))
     return torch.sparse.sampled_addmm(csr, a, b_t.T, beta=0.0).values()
+
+
+class Workspace:
+    """Tensors one trainer reuses from step to step, because a fresh multi-MB tensor every step costs
+    page faults and grows glibc's heap: `buffer`, the encoder GEMM's output [B, m], and `spare`, last
+    step's [m, d] gradients by parameter name, which the backward writes into and hands to autograd
+    (popped first: autograd then takes the tensor over as .grad without a copy)."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+        self.spare: dict[str, torch.Tensor] = {}
+
+    def gemm_out(self, rows: int, like: torch.Tensor) -> torch.Tensor:
+        m = like.shape[0]
+        if self.buffer is None or self.buffer.shape != (rows, m) or self.buffer.dtype != like.dtype:
+            self.buffer = None
+            self.buffer = like.new_empty(rows, m)
+        return self.buffer
+
+    def take(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
+        t = self.spare.pop(name, None)
+        ok = t is not None and t.shape == like.shape and t.dtype == like.dtype and t.is_contiguous()
+        return t if ok else None
+
+
+def rounding_bound(x: torch.Tensor, W_enc_t: torch.Tensor, dtype: torch.dtype) -> tuple[float, torch.Tensor]:
+    """(rel, err [m]) with |x·W_enc in `dtype` − the fp32 product| <= rel·|product| + err_j: the output's
+    rounding (rel = u, the unit roundoff, +1%) plus 8 standard deviations of the error the inputs'
+    rounding makes, u·sqrt(2/3)·|x_b · w_j|₂, with |x_b · w_j|₂ <= ‖x_b‖·‖w_j‖/sqrt(d) for spread-out
+    vectors, at the batch's largest ‖x_b‖. Measured: at most 3.6 of those deviations over 17-19M pairs
+    (d = 576, 2304), and 1.1x the fp32 candidates."""
+    u = torch.finfo(dtype).eps / 2
+    x_max = torch.linalg.vector_norm(x, dim=1).max()
+    w = torch.linalg.vector_norm(W_enc_t, dim=1)
+    return 1.01 * u, 8 * u * (2 / (3 * x.shape[1])) ** 0.5 * x_max * w

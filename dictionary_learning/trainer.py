@@ -22,16 +22,9 @@ import torch
 
 from .config import BACKWARDS, TrainerConfig
 from .dictionary import TENSOR_NAMES, JumpReluAutoEncoder
-from .jumprelu import (
-    Workspace,
-    decode,
-    encode,
-    pre_act_loss,
-    reconstruction_loss,
-    sparsity_loss,
-    tanh_penalty,
-)
+from .jumprelu import decode, encode, pre_act_loss, reconstruction_loss, sparsity_loss, tanh_penalty
 from .metrics import ReconstructionStats, fve
+from .pairs import Workspace
 from .utils import parse_dtype
 
 STATE_FORMAT = 1
@@ -239,12 +232,15 @@ class JumpReluTrainer:
         coeff = c.sparsity_coeff * self.sparsity_factor(step)
         s = self.compute_grads(x, coeff)
         loss = float(s["loss"])
-        if not math.isfinite(loss):
+        # θ's gradient also comes from pairs just below θ, whose f = 0 never reaches the loss
+        g_th = self.params["threshold"].grad
+        bad = None if math.isfinite(loss) else f"loss is {loss} (mse {float(s['mse'])})"
+        if bad is None and g_th is not None and not bool(torch.isfinite(g_th).all()):
+            bad = "the threshold's gradient is not finite (a non-finite W_dec row?)"
+        if bad is not None:
             for p in self.params.values():
                 p.grad = None
-            raise FloatingPointError(
-                f"update step {step}: loss is {loss} (mse {float(s['mse'])}); no update applied"
-            )
+            raise FloatingPointError(f"update step {step}: {bad}; no update applied")
         self._optimizer_step(lr)
         with torch.no_grad():
             n = int(s["rows"])
