@@ -188,9 +188,10 @@ class JumpReLUEncoder(torch.autograd.Function):
 
     Forward: one GEMM, then the pairs with z > θ − ε/2 (every active pair and the kernel window). While
     they cost at most `max_density` of the B·m pairs, all active (_sparse_pairs), f comes back per pair
-    (sparse branch); else as [B, m] (dense branch, early in training). With `matmul_dtype` (bf16 autocast) the GEMM runs in it, the
-    pairs are found with its rounding bound as slack, and z is recomputed in fp32 where rounding could
-    change a decision: at every candidate (sparse) or near θ (dense).
+    (sparse branch); else as [B, m] (dense branch, early in training). With `matmul_dtype` (bf16
+    autocast) the GEMM runs in it, the pairs are found with its rounding bound as slack, and z is
+    recomputed in fp32 where rounding could change a decision: at every candidate (sparse) or near θ
+    (dense).
     Backward, computing only what needs_input_grad asks for: θ by the pseudo-derivatives
     (threshold_grad) at every kept pair, W_enc, b_enc and x by the true gradient ∂f/∂z = H(z − θ),
     through the active pairs only."""
@@ -221,9 +222,8 @@ class JumpReLUEncoder(torch.autograd.Function):
         ctx.columns, ctx.ws = columns, ws
         if found is not None:  # sparse branch
             pre_at = None if columns is None else prod.index_select(1, columns).add_(b_enc[columns])
-            rows, cols, pre_acts, th, active = found
+            rows, cols, pre_acts, th, active, act = found
             f = pre_acts * active  # 0 at the inactive candidates: those only matter for θ
-            act = active.nonzero().squeeze(1)  # [k]
             act_rows, act_cols = rows.index_select(0, act), cols.index_select(0, act)
             lat_pairs = lat_rows = lat_ptr = None
             if needs_grad:  # both weight gradients (W_enc here, W_dec in decode) sum per latent
@@ -310,12 +310,13 @@ class JumpReLUEncoder(torch.autograd.Function):
 
 
 def _sparse_pairs(prod, x, W_enc_t, b_enc, threshold, lo, bound, matmul_dtype, max_density):
-    """The sparse branch's pairs, (rows, cols, z, θ_j, z > θ_j) [n] each, sorted by token, from prod =
-    x·W_enc [B, m]: those with z > θ − ε/2 (lo = θ − b_enc − ε/2), or None when the branch would cost
-    more than max_density·B·m active pairs. An active pair takes four products over d (the decode,
-    ∂L/∂f and the two weight gradients), one in the kernel window below θ only ∂L/∂f: it counts a
-    quarter. bound = (rel, err): prod's rounding bound when it is a matmul_dtype product; the pairs are
-    then found with that slack and z recomputed in fp32 at each (those that really qualify are kept)."""
+    """The sparse branch's pairs, (rows, cols, z, θ_j, z > θ_j) [n] each, sorted by token, and the
+    positions of the active ones [k], from prod = x·W_enc [B, m]: those with z > θ − ε/2 (lo = θ −
+    b_enc − ε/2), or None when the branch would cost more than max_density·B·m active pairs. An
+    active pair takes four products over d (the decode, ∂L/∂f and the two weight gradients), one in the
+    kernel window below θ only ∂L/∂f: it counts a quarter (a rough weight; the scan gives up at 4× the
+    budget in pairs). bound = (rel, err): prod's rounding bound when it is a matmul_dtype product; the
+    pairs are then found with that slack and z recomputed in fp32 at each (those that qualify are kept)."""
     (B, m), (rel, err) = prod.shape, bound
     budget = 4 * max_density * B * m
     found = candidates(prod, lo - rel * lo.abs() - err, max_count=budget)
@@ -329,9 +330,10 @@ def _sparse_pairs(prod, x, W_enc_t, b_enc, threshold, lo, bound, matmul_dtype, m
     pre_acts += b_enc.index_select(0, cols)
     th = threshold.index_select(0, cols)
     active = pre_acts > th
-    if rows.numel() + 3 * int(active.sum()) > budget:
+    act = active.nonzero().squeeze(1)
+    if rows.numel() + 3 * act.numel() > budget:
         return None
-    return rows, cols, pre_acts, th, active
+    return rows, cols, pre_acts, th, active, act
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, low: torch.dtype | None, out: torch.Tensor | None = None):
@@ -345,9 +347,10 @@ def _mm(a: torch.Tensor, b: torch.Tensor, low: torch.dtype | None, out: torch.Te
 class Decoder(torch.autograd.Function):
     """x̂ − b_dec = f·W_dec for f [B, m] (dense), or for f [n] at encode's `pairs` (sparse: per token
     b, Σ_{active pairs p of b} f_p · W_dec[col_p]; f is 0 at the inactive pairs, as encode's is). W_dec
-    [m, d] -> [B, d]. Backward: ∂L/∂f (sparse: by a sampled matmul at every pair) and ∂L/∂W_dec =
-    Σ_b f_bj ∂L/∂x̂_b (sparse: per-latent bags over the active pairs), each only if needed. matmul_dtype:
-    the dense products in that dtype (bf16 autocast)."""
+    [m, d] -> [B, d]. Backward: ∂L/∂f (sparse: by a sampled matmul at every pair, the inactive ones
+    too, which the forward skips: θ's gradient needs them) and ∂L/∂W_dec = Σ_b f_bj ∂L/∂x̂_b (sparse:
+    per-latent bags over the active pairs), each only if needed. matmul_dtype: the dense products in
+    that dtype (bf16 autocast)."""
 
     @staticmethod
     def forward(ctx, f, W_dec, pairs: Pairs | None, matmul_dtype, ws: Workspace | None):
@@ -383,8 +386,8 @@ def encode(x, W_enc_t, b_enc, threshold, bandwidth: float = 0.001, *, max_densit
     """The SAE's encoder: f = JumpReLU_θ(x·W_enc + b_enc) for x [B, d] (W_enc_t = W_encᵀ [m, d], b_enc
     and threshold [m]), with the paper's pseudo-derivatives for θ (JumpReLUEncoder). max_density: the
     sparse branch runs while its pairs cost at most this fraction of the B·m pairs, all active; one in
-    the kernel window below θ counts a quarter (0: always dense, 1: always sparse). columns [k] (int64): also return those latents' z for every token.
-    bandwidth ε only matters for gradients."""
+    the kernel window below θ counts a quarter (0: always dense, 1: always sparse). columns [k] (int64):
+    also return those latents' z for every token. bandwidth ε only matters for gradients."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, W_enc_t, b_enc, threshold))
     f, l0, counts, pairs, pre_at = JumpReLUEncoder.apply(
         x, W_enc_t, b_enc, threshold, bandwidth, max_density, matmul_dtype, columns, needs_grad, workspace

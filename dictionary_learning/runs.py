@@ -8,8 +8,8 @@ RunFolder is one trainer's folder `{save_dir}/{model}/{site}_layer{L}/{trainer.n
   checkpoints/latest/                              full state for exact resume (checkpoint.py)
   .lock                                            held (flock) by the process training into it
 It owns the lock, the log, checkpoints, status (step and tokens updated at each checkpoint), the NaN
-handling (a non-finite loss fails that trainer alone, for good: FAILED.json, its last good checkpoint
-kept), wandb and the final save. Any other error (a full disk: NoSpaceError) marks the run failed in
+handling (a non-finite loss or gradient fails that trainer alone, for good: FAILED.json, its last good
+checkpoint kept), wandb and the final save. Any other error (a full disk: NoSpaceError) marks the run failed in
 status.json, resumable from its checkpoint. Sweep holds the RunFolders of one sweep and what they share: the data stream, the stop signals, the progress bar and, under torchrun,
 the collectives (distributed.Context).
 """
@@ -90,7 +90,7 @@ class RunFolder:
 
     def open(self, resume: bool, overwrite: bool) -> tuple | None:
         """Refuse, clear or resume the (locked) folder; its checkpoint when resuming from one. Temporaries
-        left by a killed process go first; a run failed by a non-finite loss (FAILED.json) is final."""
+        left by a killed process go first; a run failed by a non-finite step (FAILED.json) is final."""
         remove_stale_temporaries(self.dir)
         contents = [p for p in self.dir.iterdir() if p.name != LOCK_FILE]
         status = self.status().get("status")
@@ -137,7 +137,7 @@ class RunFolder:
                                     dir=str(self.dir), config=cfg, reinit="create_new")  # fmt: skip
 
     def update(self, step: int, x) -> None:
-        """One training step; a non-finite loss fails this trainer alone (FAILED.json, last checkpoint kept)."""
+        """One training step; a non-finite loss or gradient fails this trainer alone (FAILED.json)."""
         try:
             out = self.trainer.update(step, x)
         except FloatingPointError as e:
@@ -154,9 +154,8 @@ class RunFolder:
         if not self.writes:  # data-parallel rank > 0: rank 0 writes the same failure
             return
         ck = self.ckpt_step
-        msg = f"{self.trainer.name}: non-finite loss at step {step} ({why}); trainer stopped, " + (
-            f"last good checkpoint: checkpoints/latest (step {ck})" if ck is not None else "no checkpoint yet"
-        )
+        last = "no checkpoint yet" if ck is None else f"last good checkpoint: checkpoints/latest (step {ck})"
+        msg = f"{self.trainer.name}: non-finite step {step} ({why}); trainer stopped, {last}"
         log.error(msg)
         info = {"status": "failed", "step": step, "reason": msg, "last_checkpoint_step": ck}
         write_json(self.dir / FAILED_FILE, info)
@@ -350,7 +349,7 @@ class Sweep:
         self.step = step + 1
         if not self.ctx.any(bool(self.active())):
             raise RuntimeError(
-                f"every trainer failed (non-finite loss) by step {step + 1}; see FAILED.json in {self.base}"
+                f"every trainer failed (non-finite loss or gradient) by step {step + 1}; see FAILED.json in {self.base}"
             )
         self.bar.update(n_tokens)
 

@@ -186,7 +186,7 @@ def trainSAE(
             if got is None:
                 break
             x, n_tokens = got  # n_tokens: over all ranks
-            sweep.update(step, x, n_tokens)  # a non-finite loss stops that trainer alone
+            sweep.update(step, x, n_tokens)  # a non-finite loss or gradient stops that trainer alone
             step, tokens = step + 1, tokens + n_tokens
             if validation is not None and (step % eval_every == 0 or step == steps):
                 sweep.validate(validation, step)

@@ -191,6 +191,24 @@ def test_sparse_and_dense_gradients_agree_with_autograd(mode, quantile, bandwidt
     assert torch.equal(stats["sparse"]["counts"].long(), (pre_acts_of(t.ae, x) > t.ae.threshold).sum(0))
 
 
+def test_auto_weighs_a_window_pair_a_quarter_of_an_active_one():
+    """encode's sparse branch runs while n_kept + 3·n_active <= 4·max_density·B·m (jumprelu._sparse_pairs):
+    with a wide window it stays sparse where the kept pairs alone exceed max_density of the B·m."""
+    t = JumpReluTrainer(activation_dim=24, dict_size=80, device=DEVICE, bandwidth=0.5, seed=1)
+    x = randomise(t, seed=2, quantile=0.99)
+    ae, (B, m) = t.ae, (x.shape[0], t.cfg.dict_size)
+
+    def codes(max_density):
+        return J.encode(x, t.params["W_enc"], ae.b_enc, ae.threshold, 0.5, max_density=max_density)
+
+    pairs = codes(1.0).pairs
+    n, k = pairs.rows.numel(), pairs.active.numel()
+    cost = (n + 3 * k) / (4 * B * m)
+    assert n / (B * m) > cost  # the kept pairs alone would have sent the old rule to the dense branch
+    assert codes(cost + 0.5 / (4 * B * m)).pairs is not None
+    assert codes(cost - 0.5 / (4 * B * m)).pairs is None
+
+
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
 def test_gradients_written_in_place(kind):
     """The W_dec / W_enc gradients are computed into last step's tensors (sparse: block-wise bags):
@@ -391,12 +409,15 @@ def option_reference(t, x, coeff, dead):
 
 
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
-@pytest.mark.parametrize("option", ["tanh", "pre_act", "both"])
-def test_loss_options_agree_with_autograd(option, kind):
+@pytest.mark.parametrize(
+    "option,bandwidth", [("tanh", 0.02), ("pre_act", 0.02), ("both", 0.02), ("tanh", 0.5)]
+)
+def test_loss_options_agree_with_autograd(option, kind, bandwidth):
+    """tanh at a wide window: ∂L/∂f is not 0 at the inactive pairs there (tanh'(0) ≠ 0), and reaches θ."""
     kw = dict(sparsity_mode="tanh", tanh_scale=3.0) if option in ("tanh", "both") else {}
     if option in ("pre_act", "both"):
         kw["pre_act_loss_coeff"] = 0.3
-    t = JumpReluTrainer(activation_dim=24, dict_size=80, device=DEVICE, bandwidth=0.02, sparsity_coeff=0.7,
+    t = JumpReluTrainer(activation_dim=24, dict_size=80, device=DEVICE, bandwidth=bandwidth, sparsity_coeff=0.7,
                         seed=1, dead_feature_threshold=50, **kw)  # fmt: skip
     x = randomise(t, seed=2, quantile=0.9)
     dead = torch.arange(3, 80, 7, device=DEVICE)  # latents 3, 10, ...: silent for 60 tokens > 50

@@ -335,7 +335,7 @@ def test_nan_in_one_trainer_fails_it_and_others_complete(tmp_path):
     assert sorted(out) == sorted(str(d) for d in dirs if d != failed) and len(out) == 2
     info = json.loads((failed / "FAILED.json").read_text())
     assert info["status"] == "failed" and info["step"] == 27 and info["last_checkpoint_step"] == 20
-    assert "non-finite loss" in info["reason"]
+    assert "non-finite step 27" in info["reason"] and "loss is nan" in info["reason"]
     assert not (failed / "sae_weights.safetensors").exists()
     assert read_checkpoint(failed / "checkpoints" / "latest")[2]["step"] == 20  # the last good one
     assert torch.isfinite(read_checkpoint(failed / "checkpoints" / "latest")[0]["ae.W_dec"]).all()
