@@ -273,14 +273,15 @@ class JumpReLUEncoder(torch.autograd.Function):
             if need_th:
                 g_th = sum_by(p.cols, threshold_grad(pre_acts, th, eps, grad_f, grad_step), m)
             if grad_f is not None:  # ∂f/∂z = H(z − θ): ∂L/∂z is ∂L/∂f at the active pairs, 0 elsewhere
+                g_z = grad_f.index_select(0, p.active) if need_b or need_x else None
                 if need_b:
-                    g_b = sum_by(p.active_cols, grad_f.index_select(0, p.active), m)
+                    g_b = sum_by(p.active_cols, g_z, m)
                 if need_W:  # Σ_b ∂L/∂z_bj x_b per latent j
                     out = None if ctx.ws is None else ctx.ws.take("W_enc", W_enc_t)
-                    g_z = grad_f.index_select(0, p.latent_pairs)
-                    g_W = bags(p.latent_offsets, p.latent_rows, g_z, x, out)
+                    g_z_lat = grad_f.index_select(0, p.latent_pairs)
+                    g_W = bags(p.latent_offsets, p.latent_rows, g_z_lat, x, out)
                 if need_x:
-                    g_x = bags(p.active_offsets, p.active_cols, grad_f.index_select(0, p.active), W_enc_t)
+                    g_x = bags(p.active_offsets, p.active_cols, g_z, W_enc_t)
         else:  # dense: [B, m]
             x, W_enc_t, active = ctx.saved_tensors
             if need_th and ctx.window is not None:

@@ -9,9 +9,10 @@ RunFolder is one trainer's folder `{save_dir}/{model}/{site}_layer{L}/{trainer.n
   .lock                                            held (flock) by the process training into it
 It owns the lock, the log, checkpoints, status (step and tokens updated at each checkpoint), the NaN
 handling (a non-finite loss or gradient fails that trainer alone, for good: FAILED.json, its last good
-checkpoint kept), wandb and the final save. Any other error (a full disk: NoSpaceError) marks the run failed in
-status.json, resumable from its checkpoint. Sweep holds the RunFolders of one sweep and what they share: the data stream, the stop signals, the progress bar and, under torchrun,
-the collectives (distributed.Context).
+checkpoint kept), wandb and the final save. Any other error (a full disk: NoSpaceError) marks the run
+failed in status.json, resumable from its checkpoint. Sweep holds the RunFolders of one sweep and what
+they share: the data stream, the stop signals, the progress bar and, under torchrun, the collectives
+(distributed.Context).
 """
 
 from __future__ import annotations
@@ -349,7 +350,7 @@ class Sweep:
         self.step = step + 1
         if not self.ctx.any(bool(self.active())):
             raise RuntimeError(
-                f"every trainer failed (non-finite loss or gradient) by step {step + 1}; see FAILED.json in {self.base}"
+                f"every trainer failed (non-finite step) by step {step + 1}; see FAILED.json in {self.base}"
             )
         self.bar.update(n_tokens)
 
